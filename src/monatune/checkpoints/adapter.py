@@ -1,0 +1,282 @@
+"""Adapter-only checkpoints: the trainable parts of a tuned model, nothing of the frozen base.
+
+A checkpoint is a directory (the layout Hugging Face PEFT uses)::
+
+    my-adapter/
+      adapter_config.json          method, options, placement, backbone name, head names,
+                                   fingerprint of the frozen base weights, weights' sha256
+      adapter_model.safetensors    adapter tensors (+ head, + any trained base tensors)
+
+Tensor names are the model's own with the adapter's name left out
+(``layers.0.blocks.0.after_attn.project1.weight``), so a file does not depend on the name
+it was saved under. Each file is written to a temporary file and moved into place, so an
+interrupted save never leaves a half-written file where a good one was; the config is
+written last and records the weights' hash, so a config never silently pairs with other
+weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import Tensor, nn
+
+from .._version import __version__
+from ..tuning import adapter_modules, apply, get_state, remove_adapter, set_active_adapter
+
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "base_fingerprint", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "monatune-adapter"
+FORMAT_VERSION = 1
+
+
+def _model_name(model: nn.Module) -> str | None:
+    return getattr(model, "model_name", None) or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+
+
+def _file_key(model_key: str, qualname: str) -> str:
+    """``layers.0.blocks.0.after_attn.default.x`` -> ``layers.0.blocks.0.after_attn.x``."""
+    return qualname.rsplit(".", 1)[0] + model_key[len(qualname):]
+
+
+def _saved_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """File key -> model key for everything an adapter checkpoint holds."""
+    keys: dict[str, str] = {}
+    for qualname, _, module in adapter_modules(model, adapter_name):
+        for k in module.state_dict():
+            model_key = f"{qualname}.{k}"
+            keys[_file_key(model_key, qualname)] = model_key
+    adapter_prefixes = tuple(f"{q}." for q, _, _ in adapter_modules(model))
+    state = get_state(model)
+    for head in state.head if state else []:
+        for k in model.get_submodule(head).state_dict():
+            keys[f"{head}.{k}"] = f"{head}.{k}"
+    for name, param in model.named_parameters():  # base tensors a method trains (bitfit, norm, ...)
+        if param.requires_grad and not name.startswith(adapter_prefixes):
+            keys.setdefault(name, name)
+    return keys
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, Tensor]:
+    """The tensors :func:`save_adapter` writes, under their file names."""
+    state = get_state(model)
+    if state is None:
+        raise ValueError("the model has no monatune adapters; call monatune.apply(model, method) first")
+    model_state = model.state_dict()
+    return {f: model_state[m] for f, m in _saved_keys(model, adapter_name or state.active).items()}
+
+
+def base_fingerprint(model: nn.Module, exclude: set[str]) -> str:
+    """Hash of every state tensor except the adapters and ``exclude``: names, dtypes, shapes, values."""
+    adapter_prefixes = tuple(f"{q}." for q, _, _ in adapter_modules(model))
+    digest = hashlib.blake2b(digest_size=16)
+    for key, tensor in sorted(model.state_dict().items()):
+        if key in exclude or key.startswith(adapter_prefixes):
+            continue
+        if tensor.is_meta:
+            raise ValueError("the model's weights are on the meta device; materialise them before saving or loading")
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    adapter_name: str | None = None,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save one adapter (its tensors, the head, any trained base tensors) to a directory.
+
+    Args:
+        model: A model tuned with :func:`monatune.apply`.
+        path: Directory to write; created if needed.
+        adapter_name: Which adapter (default: the active one).
+        dtype: Cast floating tensors to this dtype (e.g. ``torch.float16`` halves the file).
+        metadata: Extra JSON-serialisable fields for the config.
+
+    Returns:
+        The directory.
+
+    Example:
+        >>> monatune.save_adapter(model, "runs/flowers-mona")
+        >>> monatune.load_adapter(fresh_model, "runs/flowers-mona")
+    """
+    state = get_state(model)
+    if state is None:
+        raise ValueError("the model has no monatune adapters; call monatune.apply(model, method) first")
+    name = adapter_name or state.active
+    if name not in state.adapters:
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(state.adapters)}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"'{path}' exists and is not a directory; an adapter is saved as a directory")
+    keys = _saved_keys(model, name)
+    model_state = model.state_dict()
+    tensors = {}
+    for file_key, model_key in keys.items():
+        t = model_state[model_key].detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[file_key] = t.cpu().contiguous()
+    blob = save_safetensors_bytes(tensors, metadata={"format": "pt"})
+    spec = state.adapters[name]
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "monatune_version": __version__,
+        "adapter_name": name,
+        "method": spec.method,
+        "options": spec.options,
+        "targets": spec.targets,
+        "layout": spec.layout,
+        "backbone": _model_name(model),
+        "dense": hasattr(model, "out_channels"),
+        "head": list(state.head),
+        "base_fingerprint": base_fingerprint(model, exclude=set(keys.values())),
+        "num_tensors": len(tensors),
+        "num_parameters": sum(t.numel() for t in tensors.values()),
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        "metadata": metadata or {},
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path / WEIGHTS_NAME, blob)
+    _write_atomic(path / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    return path
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read and check an adapter directory; returns its config and tensors."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory '{path}' does not exist")
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"'{path}' is not a monatune adapter directory: '{p.name}' is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"'{config_path}' is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"'{config_path}' is not a monatune adapter config (no \"format\": \"{FORMAT}\")")
+    blob = weights_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != config.get("weights_sha256"):
+        raise ValueError(
+            f"'{weights_path}' does not match the hash in '{config_path}': the files do not belong together "
+            "(an interrupted or mixed copy?)"
+        )
+    try:
+        tensors = load_safetensors_bytes(blob)
+    except (SafetensorError, ValueError) as e:
+        raise ValueError(f"'{weights_path}' is not a readable safetensors file ({e})") from None
+    return config, tensors
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    adapter_name: str | None = None,
+    check_base: bool = True,
+) -> nn.Module:
+    """Load an adapter directory into ``model``, adding the adapter if the model lacks it.
+
+    The base model must be the one the adapter was trained on: same architecture, and (unless
+    ``check_base=False``) the same frozen weights, checked by fingerprint. Missing,
+    unexpected or misshapen tensors are listed by name. If anything does not fit, the model
+    is left exactly as it was.
+
+    Args:
+        model: The base model (plain or already tuned).
+        path: Adapter directory written by :func:`save_adapter`.
+        adapter_name: Name to load it under (default: the name it was saved with).
+        check_base: Compare the fingerprint of the frozen base weights.
+
+    Returns:
+        ``model``, with the adapter loaded and active.
+    """
+    config, tensors = read_adapter(path)
+    name = adapter_name or config.get("adapter_name") or "default"
+    arch, saved_arch = _model_name(model), config.get("backbone")
+    if arch and saved_arch and arch != saved_arch:
+        raise ValueError(f"adapter '{path}' was trained on {saved_arch}, but the model is {arch}")
+
+    state = get_state(model)
+    existing = state is not None and name in state.adapters
+    if existing and (state.adapters[name].method, state.adapters[name].options) != (config["method"], config["options"]):
+        raise ValueError(
+            f"the model's adapter {name!r} is {state.adapters[name].method} {state.adapters[name].options}, but "
+            f"'{path}' holds {config['method']} {config['options']}; load it under another `adapter_name`"
+        )
+    if not existing:
+        apply(
+            model,
+            config["method"],
+            head=config.get("head") or None,
+            targets=config.get("targets"),
+            layout=config.get("layout", "NCHW"),
+            adapter_name=name,
+            **config["options"],
+        )
+    try:
+        keys = _saved_keys(model, name)
+        target = model.state_dict()
+        missing = sorted(set(keys) - set(tensors))
+        unexpected = sorted(set(tensors) - set(keys))
+        misshapen = [
+            f"{k} {tuple(tensors[k].shape)} in the file, {tuple(target[keys[k]].shape)} in the model"
+            for k in sorted(set(keys) & set(tensors))
+            if tuple(tensors[k].shape) != tuple(target[keys[k]].shape)
+        ]
+        if missing or unexpected or misshapen:
+            parts = [
+                f"{label} ({len(items)}): {items[:5]}{' ...' if len(items) > 5 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+                if items
+            ]
+            raise ValueError(
+                f"adapter '{path}' does not fit this model ({arch or type(model).__name__}): " + "; ".join(parts)
+            )
+        if check_base:
+            found = base_fingerprint(model, exclude=set(keys.values()))
+            if found != config.get("base_fingerprint"):
+                raise ValueError(
+                    f"the model's frozen base weights differ from those adapter '{path}' was trained on "
+                    f"(fingerprint {found} vs {config.get('base_fingerprint')}); load the same pretrained weights "
+                    "first, or pass check_base=False if you know the difference is intended"
+                )
+    except BaseException:
+        if not existing:
+            remove_adapter(model, name)
+        raise
+    with torch.no_grad():
+        for file_key, model_key in keys.items():
+            target[model_key].copy_(tensors[file_key])
+    set_active_adapter(model, name)
+    return model

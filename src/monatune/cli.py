@@ -1,0 +1,81 @@
+"""The ``monatune`` command: thin wrappers over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method options are KEY=VALUE (e.g. bottleneck=32), got {pair!r}")
+        value = _parse_value(value)
+        options[key] = tuple(value) if isinstance(value, list) else value
+    return options
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    import torch
+
+    from .dense import build_dense_backbone
+    from .params import count_parameters
+
+    with torch.device("meta"):  # counting needs shapes only
+        model = build_dense_backbone(args.name, args.method, **_options(args.option))
+    report = count_parameters(model)
+    print(json.dumps(report.to_dict()) if args.json else report)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoints.release import convert_release_checkpoint
+
+    out = convert_release_checkpoint(args.checkpoint, args.out, args.model, allow_pickle=args.allow_pickle)
+    print(f"wrote Mona adapter of {args.model} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monatune", description="Mona-tuning of timm vision backbones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("params", help="parameter counts of a timm backbone (dense-prediction form) under a method")
+    p.add_argument("name", help="timm model name, e.g. swin_base_patch4_window7_224")
+    p.add_argument("--method", default="mona", help="tuning method (default: mona)")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("convert", help="write a checkpoint trained with the Mona release as a monatune adapter")
+    p.add_argument("checkpoint", help="the release's .pth (OpenMMLab layout, my_module_1/2)")
+    p.add_argument("out", help="adapter directory to write")
+    p.add_argument("--model", required=True, help="timm architecture it was trained on, e.g. swin_base_patch4_window7_224")
+    p.add_argument("--allow-pickle", action="store_true", help="allow a full unpickle (runs code in the file)")
+    p.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"monatune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
