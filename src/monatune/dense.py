@@ -126,8 +126,7 @@ def build_dense_backbone(
     kwargs = dict(model_kwargs or {})
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; dense backbones are built for {DENSE_FAMILIES}")
-    module_name = timm.models.get_arch_name(name)
-    if module_name.startswith("swin") and "v2" not in module_name:
+    if timm.models.is_model_in_modules(name, ["swin_transformer"]):
         model = timm.create_model(
             name, pretrained=False, num_classes=0, always_partition=True, strict_img_size=False, **kwargs
         )
@@ -142,7 +141,7 @@ def build_dense_backbone(
         model._add_output_norms([info["num_chs"] for info in model.feature_info])
         model.strides = [info["reduction"] for info in model.feature_info]
         model.out_indices = list(range(len(model.layers)))
-    else:
+    elif timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva"]):
         model = timm.create_model(
             name, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True, **kwargs
         )
@@ -160,6 +159,8 @@ def build_dense_backbone(
         model.out_indices = indices
         model._add_output_norms([model.embed_dim] * len(indices))
         model.strides = [model.patch_embed.feat_ratio()] * len(indices)
+    else:
+        raise ValueError(f"{name!r} is not one of the families dense backbones are built for: {DENSE_FAMILIES}")
     model.model_name = name
     if method is not None:
         apply(model, method, head=None, **options)

@@ -159,7 +159,7 @@ def apply(
             for slot, adapter in slots.items():
                 if slot not in block._modules:
                     block.add_module(slot, nn.ModuleDict())
-                block._modules[slot][adapter_name] = adapter
+                block._modules[slot][adapter_name] = adapter.train(block.training)
             if isinstance(block, (TunedViTBlock, TunedEvaBlock)):
                 token_blocks.append(block)
         if token_blocks:
@@ -174,7 +174,7 @@ def apply(
             if key not in bank:
                 bank[key] = nn.ModuleDict()
                 module.register_forward_hook(MapHook(bank[key], name, layout, channels))
-            bank[key][adapter_name] = adapter
+            bank[key][adapter_name] = adapter.train(module.training)
     set_active_adapter(model, state.active)
     return model
 
@@ -306,11 +306,7 @@ def _resolve_head(model: nn.Module, head: str | Sequence[str] | None) -> list[st
     if head is None:
         return []
     if head == "auto":
-        get_classifier = getattr(model, "get_classifier", None)
-        classifier = get_classifier() if callable(get_classifier) else None
-        if classifier is None or not any(True for _ in classifier.parameters()):
-            return []
-        return [n for n, m in model.named_modules() if m is classifier][:1]
+        return [n for n in classifier_names(model) if any(True for _ in model.get_submodule(n).parameters())]
     names = [head] if isinstance(head, str) else list(head)
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
@@ -318,6 +314,14 @@ def _resolve_head(model: nn.Module, head: str | Sequence[str] | None) -> list[st
         top = [n for n, _ in model.named_children()]
         raise ValueError(f"head module(s) {missing} not found in {type(model).__name__}; its top-level modules are {top}")
     return names
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Names of the modules timm's ``get_classifier()`` returns (DeiT-distilled has two)."""
+    get_classifier = getattr(model, "get_classifier", None)
+    found = get_classifier() if callable(get_classifier) else None
+    classifiers = list(found) if isinstance(found, (tuple, list)) else [found] if found is not None else []
+    return [n for n, m in model.named_modules() if n and any(m is c for c in classifiers)]
 
 
 def _keep_eval(module: nn.Module, args: Any) -> None:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from timm.models import eva, swin_transformer, vision_transformer
 from torch import Tensor, nn
 
-from ..tuning import adapter_modules, get_state
+from ..tuning import adapter_modules, classifier_names, get_state
 
 __all__ = ["load_pretrained", "read_checkpoint", "read_state_dict", "LoadReport", "FORMATS", "UnsafeCheckpointError"]
 
@@ -189,7 +189,7 @@ def load_pretrained(
 
     target = model.state_dict()
     adapter_prefixes = tuple(f"{q}." for q, _, _ in adapter_modules(model))
-    head_prefixes = tuple(f"{n}." for n in _classifier_names(model))
+    head_prefixes = tuple(f"{n}." for n in classifier_names(model))
     optional = adapter_prefixes + head_prefixes + tuple(f"norm{i}." for i in range(len(getattr(model, "out_channels", ()))))
 
     report = LoadReport(format=fmt, skipped=skipped)
@@ -223,11 +223,3 @@ def load_pretrained(
     model.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
     return report
-
-
-def _classifier_names(model: nn.Module) -> list[str]:
-    get_classifier = getattr(model, "get_classifier", None)
-    if not callable(get_classifier):
-        return []
-    classifier = get_classifier()
-    return [n for n, m in model.named_modules() if m is classifier and n]

@@ -1,0 +1,133 @@
+"""The Mona module: exact parity with the release's three-convolution form, prefix tokens, layout."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+
+from monatune.adapters.mona import Mona
+
+
+def reference_forward(mona: Mona, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The release's forward, written plainly: three depthwise convs on an NCHW copy, separate projector skip."""
+    identity = x
+    z = mona.norm(x) * mona.gamma + x * mona.gammax
+    p = mona.project1(z)
+    b, n, c = p.shape
+    m = p.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2)
+    op = mona.adapter_conv
+    convs = op.convs()
+    m = sum(F.conv2d(m, cv.weight, cv.bias, padding=cv.kernel_size[0] // 2, groups=c) for cv in convs) / len(convs) + m
+    m = F.conv2d(m, op.projector.weight, op.projector.bias) + m
+    m = m.permute(0, 2, 3, 1).reshape(b, n, c)
+    return identity + mona.project2(mona.dropout(F.gelu(m)))
+
+
+def randomize(mona: Mona) -> Mona:
+    with torch.no_grad():
+        for p in mona.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 and p.shape[0] == mona.dim else 0.0))
+    return mona
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dim,hw,kernel_sizes,bottleneck", [(32, (9, 7), (3, 5, 7), 64), (48, (5, 5), (1, 3), 16), (24, (14, 3), (5,), 8)])
+def test_fast_path_matches_three_convolutions_in_outputs_and_every_gradient(dim, hw, kernel_sizes, bottleneck):
+    mona = randomize(Mona(dim, bottleneck=bottleneck, kernel_sizes=kernel_sizes, dropout=0.0))
+    ref = randomize(Mona(dim, bottleneck=bottleneck, kernel_sizes=kernel_sizes, dropout=0.0))
+    ref.load_state_dict(mona.state_dict())
+    x = torch.randn(3, hw[0] * hw[1], dim)
+    x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad_out = torch.randn(3, hw[0] * hw[1], dim)
+
+    out = mona(x_fast.unflatten(1, hw)).flatten(1, 2)  # the fast path on a channels-last map
+    expected = reference_forward(ref, x_ref, hw)
+    assert rel_err(out, expected) < 1e-5
+    (out * grad_out).sum().backward()
+    (expected * grad_out).sum().backward()
+    assert rel_err(x_fast.grad, x_ref.grad) < 1e-5
+    ref_params = dict(ref.named_parameters())
+    for name, p in mona.named_parameters():
+        assert p.grad is not None, name
+        assert rel_err(p.grad, ref_params[name].grad) < 1e-5, name
+
+
+def test_token_input_matches_map_input():
+    mona = randomize(Mona(16, dropout=0.0))
+    x = torch.randn(2, 6, 5, 16)
+    assert torch.allclose(mona(x.flatten(1, 2), hw=(6, 5)), mona(x).flatten(1, 2), atol=1e-6)
+
+
+def test_prefix_tokens_are_isolated_one_by_one_maps():
+    mona = randomize(Mona(16, dropout=0.0))
+    hw, P = (4, 6), 3
+    x = torch.randn(2, P + hw[0] * hw[1], 16)
+    out = mona(x, hw=hw, num_prefix_tokens=P)
+    # Patch tokens: as if the prefix were not there.
+    assert torch.allclose(out[:, P:], mona(x[:, P:], hw=hw), atol=1e-6)
+    # Each prefix token: the module on a 1x1 map of its own (zero padding around it).
+    for i in range(P):
+        single = mona(x[:, i : i + 1].unflatten(1, (1, 1))).flatten(1, 2)
+        assert torch.allclose(out[:, i : i + 1], single, atol=1e-6)
+    # And a prefix token does not see its neighbours: changing one leaves the others alone.
+    x2 = x.clone()
+    x2[:, 0] += 5.0
+    out2 = mona(x2, hw=hw, num_prefix_tokens=P)
+    assert torch.allclose(out2[:, 1:], out[:, 1:], atol=1e-6) and not torch.allclose(out2[:, 0], out[:, 0])
+
+
+def test_release_initialisation_and_parameter_count():
+    for dim in (128, 512):
+        mona = Mona(dim)
+        assert sum(p.numel() for p in mona.parameters()) == 133 * dim + 9728
+        assert torch.all(mona.gamma == 1e-6) and torch.all(mona.gammax == 1.0)
+        assert torch.all(mona.norm.weight == 1) and torch.all(mona.norm.bias == 0)
+        for lin in (mona.project1, mona.project2):
+            assert torch.all(lin.bias == 0)
+            assert abs(lin.weight.std().item() - 0.02) < 0.004  # trunc_normal_(std=.02), as timm and the release
+        assert mona.project1.out_features == 64 and mona.dropout.p == 0.1
+        assert [c.kernel_size for c in mona.adapter_conv.convs()] == [(3, 3), (5, 5), (7, 7)]
+    x = torch.randn(1, 3, 3, 128)
+    assert not torch.allclose(Mona(128).eval()(x), x)  # not an identity at init (up-projection not zeroed)
+
+
+def _activation_copies(fn, numel: int) -> list[str]:
+    with profile(record_shapes=True) as prof:
+        fn()
+    found = []
+    for e in prof.events():
+        if e.name in ("aten::clone", "aten::contiguous") and e.input_shapes and e.input_shapes[0]:
+            if torch.Size(e.input_shapes[0]).numel() >= numel:
+                found.append(f"{e.name}{e.input_shapes[0]}")
+    return found
+
+
+def test_channels_last_maps_are_not_copied_to_nchw():
+    mona = Mona(64).eval()
+    x = torch.randn(2, 14, 14, 64)
+    with torch.no_grad():
+        assert _activation_copies(lambda: mona(x), 2 * 14 * 14 * 64) == []
+        # Control: a (B, H, W, C) view of an NCHW tensor has to be copied, and the check sees it.
+        nchw_view = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+        assert _activation_copies(lambda: mona(nchw_view), 2 * 14 * 14 * 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bottleneck=0), "bottleneck"),
+        (dict(kernel_sizes=(3, 4)), "kernel_sizes"),
+        (dict(kernel_sizes=()), "kernel_sizes"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
+def test_bad_options_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Mona(32, **kwargs)
+
+
+def test_bad_token_count_is_explained():
+    with pytest.raises(ValueError, match="10 tokens"):
+        Mona(8)(torch.randn(1, 10, 8), hw=(3, 3))
