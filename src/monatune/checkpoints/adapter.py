@@ -30,6 +30,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from .._version import __version__
+from ..methods import resolve_method
 from ..tuning import adapter_modules, apply, get_state, remove_adapter, set_active_adapter
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "base_fingerprint", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -227,9 +228,10 @@ def load_adapter(
     if arch and saved_arch and arch != saved_arch:
         raise ValueError(f"adapter '{path}' was trained on {saved_arch}, but the model is {arch}")
 
+    options = resolve_method(config["method"], config["options"]).to_dict()  # checks them, JSON lists -> tuples
     state = get_state(model)
     existing = state is not None and name in state.adapters
-    if existing and (state.adapters[name].method, state.adapters[name].options) != (config["method"], config["options"]):
+    if existing and (state.adapters[name].method, state.adapters[name].options) != (config["method"], options):
         raise ValueError(
             f"the model's adapter {name!r} is {state.adapters[name].method} {state.adapters[name].options}, but "
             f"'{path}' holds {config['method']} {config['options']}; load it under another `adapter_name`"
@@ -242,7 +244,7 @@ def load_adapter(
             targets=config.get("targets"),
             layout=config.get("layout", "NCHW"),
             adapter_name=name,
-            **config["options"],
+            **options,
         )
     try:
         keys = _saved_keys(model, name)

@@ -72,15 +72,18 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=False)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        # weights_only refuses a class or function it does not know ("Unsupported global"); any
+        # other unpickling failure means the bytes are not a pickle to begin with.
+        if "allowed global" in str(e) or "Unsupported global" in str(e):
             raise UnsafeCheckpointError(
                 f"'{path}' contains Python objects besides tensors, and reading them would unpickle the file, "
                 "which can run any code stored in it. If you trust where the file came from, load it with "
                 "allow_pickle=True (command line: --allow-pickle)."
             ) from None
-        raise ValueError(f"'{path}' is not a PyTorch checkpoint ({e})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"'{path}' is not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"'{path}' is not a PyTorch checkpoint (it does not unpickle)") from None
+    except Exception as e:  # torch raises KeyError/IndexError/EOFError/RuntimeError for arbitrary bytes
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"'{path}' is not a PyTorch checkpoint ({reason})") from None
 
 
 def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, Tensor], bool]:
@@ -143,7 +146,12 @@ def convert_state_dict(
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     if fmt == "release":
         state_dict = _from_release(state_dict, model)
-    return _family_filter(model)(state_dict, model), skipped
+    # timm's Swin filter looks up the module of every relative-position table; tables of blocks
+    # the model lacks (a deeper checkpoint) go around it and are reported as not in the model.
+    modules = dict(model.named_modules())
+    stray = {k: v for k, v in state_dict.items() if k.endswith(".relative_position_bias_table") and k[:-29] not in modules}
+    kept = {k: v for k, v in state_dict.items() if k not in stray}
+    return {**_family_filter(model)(kept, model), **stray}, skipped
 
 
 def load_pretrained(
@@ -204,9 +212,8 @@ def load_pretrained(
             if key.startswith(head_prefixes):
                 report.skipped.append(key)  # a classifier for another number of classes
             else:
-                problems.append(
-                    f"'{key}' has shape {tuple(value.shape)} in the file but {tuple(target[key].shape)} in the model"
-                )
+                in_file = tuple(raw[key].shape) if key in raw else tuple(value.shape)  # before timm's resampling
+                problems.append(f"'{key}' has shape {in_file} in the file but {tuple(target[key].shape)} in the model")
     for key in target:
         if key not in converted or key in report.skipped:
             if key.startswith(optional):

@@ -1,0 +1,172 @@
+"""Adapter-only checkpoints: exact round trip, nothing of the base in the file, atomic writes, refusals."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_swin, tiny_vit
+from safetensors.torch import load_file
+
+import monatune
+from monatune.checkpoints.adapter import CONFIG_NAME, WEIGHTS_NAME
+
+
+def _trained(model_factory=tiny_swin, **apply_kwargs):
+    base = model_factory().eval()
+    tuned = monatune.apply(copy.deepcopy(base), "mona", **apply_kwargs)
+    with torch.no_grad():  # stand-in for training: every trainable tensor moves
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return base, tuned
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("factory", [tiny_swin, tiny_vit])
+def test_round_trip_is_bit_exact_and_holds_no_backbone_tensor(tmp_path, factory):
+    base, tuned = _trained(factory)
+    monatune.save_adapter(tuned, tmp_path / "a")
+    assert sorted(os.listdir(tmp_path / "a")) == [CONFIG_NAME, WEIGHTS_NAME]
+    saved = load_file(tmp_path / "a" / WEIGHTS_NAME)
+    trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert {k.replace(".after_attn.", ".after_attn.default.").replace(".after_mlp.", ".after_mlp.default.") for k in saved} == trainable
+    loaded = monatune.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    for (k, v), (k2, v2) in zip(tuned.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    x = torch.randn(1, 3, 224, 224)
+    assert torch.equal(loaded.eval()(x), tuned.eval()(x))
+    config = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert config["method"] == "mona" and config["options"] == {"bottleneck": 64, "kernel_sizes": [3, 5, 7], "dropout": 0.1}
+    assert config["num_parameters"] == sum(v.numel() for v in saved.values())
+
+
+def test_options_pattern_placement_and_fp16(tmp_path):
+    import timm
+
+    base = timm.create_model("convnext_atto", pretrained=False, num_classes=3).eval()
+    tuned = monatune.apply(copy.deepcopy(base), "mona", targets=r"stages\.[23]", bottleneck=16, kernel_sizes=(3, 5))
+    monatune.save_adapter(tuned, tmp_path / "c", dtype=torch.float16)
+    assert all(v.dtype == torch.float16 for v in load_file(tmp_path / "c" / WEIGHTS_NAME).values())
+    loaded = monatune.load_adapter(copy.deepcopy(base), tmp_path / "c")
+    spec = monatune.get_state(loaded).adapters["default"]
+    assert (spec.targets, spec.options["bottleneck"], spec.options["kernel_sizes"]) == (r"stages\.[23]", 16, (3, 5))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(loaded.eval()(x), tuned.eval()(x), atol=1e-2)
+
+
+def test_save_is_atomic_a_crash_keeps_the_good_files(tmp_path, monkeypatch):
+    base, tuned = _trained()
+    monatune.save_adapter(tuned, tmp_path / "a")
+    good = {n: (tmp_path / "a" / n).read_bytes() for n in (CONFIG_NAME, WEIGHTS_NAME)}
+    with torch.no_grad():
+        tuned.layers[0].blocks[0].after_attn.default.gamma.add_(1.0)
+
+    def crash(src, dst):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        monatune.save_adapter(tuned, tmp_path / "a")
+    monkeypatch.undo()
+    assert {n: (tmp_path / "a" / n).read_bytes() for n in good} == good
+    assert sorted(os.listdir(tmp_path / "a")) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary file left
+    monatune.load_adapter(copy.deepcopy(base), tmp_path / "a")
+
+
+def test_weights_from_another_save_are_refused(tmp_path):
+    base, tuned = _trained()
+    monatune.save_adapter(tuned, tmp_path / "a")
+    _, other = _trained()
+    monatune.save_adapter(other, tmp_path / "b")
+    os.replace(tmp_path / "b" / WEIGHTS_NAME, tmp_path / "a" / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="do not belong together"):
+        monatune.load_adapter(copy.deepcopy(base), tmp_path / "a")
+
+
+def test_failed_loads_leave_the_model_unchanged(tmp_path):
+    base, tuned = _trained()
+    monatune.save_adapter(tuned, tmp_path / "a")
+
+    other_weights = tiny_swin().eval()  # same architecture, different base weights
+    before = _snapshot(other_weights)
+    with pytest.raises(ValueError, match="frozen base weights differ.*fingerprint"):
+        monatune.load_adapter(other_weights, tmp_path / "a")
+    after = _snapshot(other_weights)
+    assert after[1] == before[1] and not monatune.is_tuned(other_weights)
+    assert list(after[0]) == list(before[0]) and all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+    monatune.load_adapter(other_weights, tmp_path / "a", check_base=False)  # allowed when asked for
+
+    bigger = tiny_swin(num_classes=7).eval()  # same name, another head: shapes differ
+    before = _snapshot(bigger)
+    with pytest.raises(ValueError, match=r"does not fit.*wrong shape.*head\.fc\.weight \(5, 256\) in the file, \(7, 256\)"):
+        monatune.load_adapter(bigger, tmp_path / "a")
+    assert _snapshot(bigger)[1] == before[1] and not monatune.is_tuned(bigger)
+
+    vit = tiny_vit().eval()
+    with pytest.raises(ValueError, match="trained on swin_tiny_patch4_window7_224, but the model is vit_tiny_patch16_224"):
+        monatune.load_adapter(vit, tmp_path / "a")
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    base, tuned = _trained()
+    monatune.save_adapter(tuned, tmp_path / "a")
+    tuned_again = monatune.apply(copy.deepcopy(base), "mona", targets=r"layers\.3", layout="NHWC", adapter_name="x")
+    monatune.remove_adapter(tuned_again, "x")
+    # A file that lacks one tensor and has a stray one (rewritten consistently, as a buggy tool might).
+    from monatune.checkpoints.adapter import read_adapter, _write_atomic
+    import hashlib
+    from safetensors.torch import save
+
+    config, tensors = read_adapter(tmp_path / "a")
+    tensors.pop("layers.1.blocks.0.after_mlp.gamma")
+    tensors["layers.9.blocks.0.after_mlp.gamma"] = torch.zeros(3)
+    blob = save(tensors)
+    config["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    _write_atomic(tmp_path / "a" / WEIGHTS_NAME, blob)
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(config))
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"missing \(1\): \['layers.1.blocks.0.after_mlp.gamma'\]; unexpected \(1\): \['layers.9"):
+        monatune.load_adapter(model, tmp_path / "a")
+    assert not monatune.is_tuned(model)
+
+
+def test_loading_into_an_already_tuned_model_with_other_options_is_refused(tmp_path):
+    base, tuned = _trained()
+    monatune.save_adapter(tuned, tmp_path / "a")
+    model = monatune.apply(copy.deepcopy(base), "mona", bottleneck=32)
+    with pytest.raises(ValueError, match="load it under another `adapter_name`"):
+        monatune.load_adapter(model, tmp_path / "a")
+    monatune.load_adapter(model, tmp_path / "a", adapter_name="second")  # a second adapter, one backbone
+    assert sorted(monatune.get_state(model).adapters) == ["default", "second"]
+    same = monatune.apply(copy.deepcopy(base), "mona")  # same method and options: loads in place
+    monatune.load_adapter(same, tmp_path / "a")
+    assert torch.equal(same.layers[0].blocks[0].after_attn.default.gamma, tuned.layers[0].blocks[0].after_attn.default.gamma)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.mkdir(), "adapter_config.json' is missing"),
+    (lambda p: (p.mkdir(), (p / CONFIG_NAME).write_text("{"), (p / WEIGHTS_NAME).write_bytes(b"")), "not valid JSON"),
+    (lambda p: (p.mkdir(), (p / CONFIG_NAME).write_text("{}"), (p / WEIGHTS_NAME).write_bytes(b"")), "not a monatune adapter config"),
+])
+def test_bad_adapter_directories(tmp_path, make, match):
+    make(tmp_path / "bad")
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        monatune.load_adapter(tiny_swin(), tmp_path / "bad")
+
+
+def test_save_needs_a_tuned_model(tmp_path):
+    with pytest.raises(ValueError, match="no monatune adapters"):
+        monatune.save_adapter(tiny_swin(), tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_swin_base_mona_adapter_file_is_at_most_15_mb(tmp_path):
+    backbone = monatune.build_dense_backbone("swin_base_patch4_window7_224", "mona")
+    monatune.save_adapter(backbone, tmp_path / "b")
+    size = (tmp_path / "b" / WEIGHTS_NAME).stat().st_size
+    assert 3_667_456 * 4 <= size <= 15_000_000
