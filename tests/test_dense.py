@@ -1,4 +1,6 @@
 """Dense backbone: release parity on awkward sizes, shapes, ViT form, converter."""
+import json
+
 import pytest
 import torch
 from conftest import TINY_SWIN
@@ -66,6 +68,40 @@ def test_converter_writes_an_adapter_that_reproduces_the_release(release_file, t
     with torch.no_grad():
         for e, g in zip(reference(x), backbone(x).values()):
             assert (e - g).abs().max() < 1e-4 * e.abs().max()
+
+
+def test_convert_command(release_file, tmp_path, capsys):
+    from monatune.cli import main
+
+    reference, path = release_file
+    out = tmp_path / "out"
+    tiny = ["--model", "swin_tiny_patch4_window7_224", "--model-kwargs", json.dumps(TINY_SWIN)]
+    assert main(["convert", str(path), str(out), *tiny]) == 0
+    assert "wrote Mona adapter" in capsys.readouterr().out
+    base_sd = {k: v for k, v in release_state_dict(reference)["state_dict"].items() if "my_module" not in k}
+    torch.save({"meta": {}, "state_dict": base_sd}, tmp_path / "base.pth")
+    backbone = _dense(method=None)
+    monatune.load_pretrained(backbone, tmp_path / "base.pth")
+    monatune.load_adapter(backbone, out)
+    x = torch.randn(1, 3, 61, 47)
+    with torch.no_grad():
+        for e, g in zip(reference(x), backbone(x).values()):
+            assert (e - g).abs().max() < 1e-4 * e.abs().max()
+    # The full-size architecture for a tiny file: refused, naming the mismatch, nothing written.
+    assert main(["convert", str(path), str(tmp_path / "x"), "--model", "swin_tiny_patch4_window7_224"]) == 2
+    assert "does not fit swin_tiny_patch4_window7_224" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "x"), *tiny]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["convert", str(path), str(tmp_path / "x"), "--model", "swin_tiny_patch4_window7_224", "--model-kwargs", "[1]"]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_swin_s3_shares_the_block():
+    backbone = monatune.build_dense_backbone("swin_s3_tiny_224", "mona")
+    assert [tuple(f.shape) for f in backbone(torch.randn(1, 3, 100, 90)).values()] == [
+        (1, 96, 25, 23), (1, 192, 13, 12), (1, 384, 7, 6), (1, 768, 4, 3)]
+    assert sum(1 for _ in monatune.adapter_modules(backbone)) == 2 * 12
 
 
 def test_swin_shapes_channels_and_strides():

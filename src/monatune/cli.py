@@ -43,7 +43,12 @@ def _cmd_params(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints.release import convert_release_checkpoint
 
-    out = convert_release_checkpoint(args.checkpoint, args.out, args.model, allow_pickle=args.allow_pickle)
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    out = convert_release_checkpoint(
+        args.checkpoint, args.out, args.model, model_kwargs=kwargs, allow_pickle=args.allow_pickle
+    )
     print(f"wrote Mona adapter of {args.model} to {out}")
     return 0
 
@@ -63,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="the release's .pth (OpenMMLab layout, my_module_1/2)")
     p.add_argument("out", help="adapter directory to write")
     p.add_argument("--model", required=True, help="timm architecture it was trained on, e.g. swin_base_patch4_window7_224")
+    p.add_argument("--model-kwargs", metavar="JSON", help='extra timm.create_model arguments, e.g. \'{"depths": [2, 2, 6, 2]}\'')
     p.add_argument("--allow-pickle", action="store_true", help="allow a full unpickle (runs code in the file)")
     p.set_defaults(func=_cmd_convert)
     return parser
@@ -72,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
         print(f"monatune {args.command}: error: {e}", file=sys.stderr)
         return 2
 
