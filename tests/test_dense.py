@@ -58,13 +58,17 @@ def test_timm_default_windows_would_not_match(release_file):
 def test_converter_writes_an_adapter_that_reproduces_the_release(release_file, tmp_path):
     reference, path = release_file
     out = monatune.convert_release_checkpoint(path, tmp_path / "adapter", "swin_tiny_patch4_window7_224", model_kwargs=TINY_SWIN)
-    # The base weights a user has: the release file's frozen tensors (as an official/mmlab file would give).
+    _assert_adapter_reproduces_release(reference, out, tmp_path, (1, 3, 100, 75))
+
+
+def _assert_adapter_reproduces_release(reference, adapter_dir, tmp_path, shape):
+    """Base weights as a user has them (the release file's frozen tensors) + the adapter = the release."""
     base_sd = {k: v for k, v in release_state_dict(reference)["state_dict"].items() if "my_module" not in k}
     torch.save({"meta": {}, "state_dict": base_sd}, tmp_path / "base.pth")
     backbone = _dense(method=None)
     monatune.load_pretrained(backbone, tmp_path / "base.pth")
-    monatune.load_adapter(backbone, out)
-    x = torch.randn(1, 3, 100, 75)
+    monatune.load_adapter(backbone, adapter_dir)
+    x = torch.randn(shape)
     with torch.no_grad():
         for e, g in zip(reference(x), backbone(x).values()):
             assert (e - g).abs().max() < 1e-4 * e.abs().max()
@@ -78,15 +82,7 @@ def test_convert_command(release_file, tmp_path, capsys):
     tiny = ["--model", "swin_tiny_patch4_window7_224", "--model-kwargs", json.dumps(TINY_SWIN)]
     assert main(["convert", str(path), str(out), *tiny]) == 0
     assert "wrote Mona adapter" in capsys.readouterr().out
-    base_sd = {k: v for k, v in release_state_dict(reference)["state_dict"].items() if "my_module" not in k}
-    torch.save({"meta": {}, "state_dict": base_sd}, tmp_path / "base.pth")
-    backbone = _dense(method=None)
-    monatune.load_pretrained(backbone, tmp_path / "base.pth")
-    monatune.load_adapter(backbone, out)
-    x = torch.randn(1, 3, 61, 47)
-    with torch.no_grad():
-        for e, g in zip(reference(x), backbone(x).values()):
-            assert (e - g).abs().max() < 1e-4 * e.abs().max()
+    _assert_adapter_reproduces_release(reference, out, tmp_path, (1, 3, 61, 47))
     # The full-size architecture for a tiny file: refused, naming the mismatch, nothing written.
     assert main(["convert", str(path), str(tmp_path / "x"), "--model", "swin_tiny_patch4_window7_224"]) == 2
     assert "does not fit swin_tiny_patch4_window7_224" in capsys.readouterr().err

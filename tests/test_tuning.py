@@ -214,3 +214,24 @@ def test_a_failed_apply_changes_nothing():
     monatune.apply(model, "mona", adapter_name="x")
     with pytest.raises(ValueError, match="already has an adapter named 'x'"):
         monatune.apply(model, "mona", adapter_name="x")
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,size",
+    [
+        ("swin_tiny_patch4_window7_224", dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)), 224),
+        ("vit_tiny_patch16_224", dict(depth=2, reg_tokens=2), 224),
+        ("vit_small_patch14_reg4_dinov2", dict(depth=2, embed_dim=64, num_heads=2, img_size=70), 70),
+        ("eva02_tiny_patch14_224", dict(depth=2), 224),
+    ],
+)
+def test_tuned_blocks_compute_what_timm_computes_when_adapters_are_identities(name, kwargs, size):
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    expected = model(x)
+    monatune.apply(model, "mona")
+    with torch.no_grad():
+        for _, _, adapter in monatune.adapter_modules(model):
+            adapter.project2.weight.zero_()
+            adapter.project2.bias.zero_()
+    assert torch.allclose(model(x), expected, atol=1e-5)

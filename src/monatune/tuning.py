@@ -97,7 +97,8 @@ def apply(
             with ``targets``, any model.
         method: Method name, see ``monatune.METHODS``.
         head: Modules that stay fully trainable: ``"auto"`` (the timm classifier, if the
-            model has one with parameters), a module name, a list of names, or None.
+            model has one with parameters), a module name, a list of names, or None. Set
+            by the first adapter; later adapters on the same model share it.
         targets: Instead of block rules, a regex; an adapter goes after every module whose
             qualified name fully matches it. Their outputs must be 4-d maps.
         layout: Layout of the targets' outputs, ``"NCHW"`` or ``"NHWC"``.
