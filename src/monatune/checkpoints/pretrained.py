@@ -82,8 +82,9 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Any:
             ) from None
         raise ValueError(f"'{path}' is not a PyTorch checkpoint (it does not unpickle)") from None
     except Exception as e:  # torch raises KeyError/IndexError/EOFError/RuntimeError for arbitrary bytes
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"'{path}' is not a PyTorch checkpoint ({reason})") from None
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+        raise ValueError(f"'{path}' is not a PyTorch checkpoint (torch.load could not read it: {reason})") from None
 
 
 def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, Tensor], bool]:
@@ -185,7 +186,15 @@ def load_pretrained(
     if format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; choose from {FORMATS}")
     raw, mmlab = read_state_dict(path, allow_pickle=allow_pickle)
-    fmt = detect_format(raw, mmlab) if format == "auto" else format
+    detected = detect_format(raw, mmlab)
+    fmt = detected if format == "auto" else format
+    if fmt == "release" and detected != "release":
+        raise ValueError(
+            f"'{path}' has no Mona tensors (`my_module_1` / `my_module_2`), so it is not a checkpoint trained with "
+            f"the Mona release; it looks like a {detected} file (load it with format='auto')"
+        )
+    if fmt == "mmlab" and not any(k.startswith("backbone.") for k in raw):
+        raise ValueError(f"'{path}' has no `backbone.` tensors, so it is not an OpenMMLab detector/segmentor file")
     arch = getattr(model, "model_name", None) or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     try:
         converted, skipped = convert_state_dict(raw, model, fmt)
