@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .tuning import adapter_modules, get_state
+from .tuning import adapter_modules, get_state, model_name
 
 __all__ = ["ParamReport", "count_parameters"]
 
@@ -73,5 +73,5 @@ def count_parameters(model: nn.Module) -> ParamReport:
         head=by_kind.get("head", {}).get("total", 0),
         by_kind=by_kind,
         method=state.adapters[state.active].method if state else None,
-        model=getattr(model, "model_name", None) or (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
+        model=model_name(model),
     )

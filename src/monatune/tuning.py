@@ -34,6 +34,8 @@ __all__ = [
     "TuningState",
     "AdapterSpec",
     "SUPPORTED_BLOCKS",
+    "model_name",
+    "classifier_names",
 ]
 
 STATE_ATTR = "_monatune_state"
@@ -127,6 +129,8 @@ def apply(
     heads = _resolve_head(model, head) if state is None else state.head
 
     # Plan and build everything before touching the model, so a failure changes nothing.
+    if targets is not None and isinstance(model, (nn.Sequential, nn.ModuleList)):
+        raise ValueError("with `targets`, the model must not be an nn.Sequential (adapters would join the sequence)")
     if targets is None:
         blocks = _find_blocks(model)
         planned = [(name, block, {slot: spec.build(_block_dim(block)) for slot in spec.slots}) for name, block in blocks]
@@ -138,8 +142,6 @@ def apply(
             if channels is None:
                 raise ValueError(f"cannot tell the output channels of '{name}'; pass `dim=`")
             planned_points.append((name, module, channels, spec.build(channels)))
-        if isinstance(model, (nn.Sequential, nn.ModuleList)):
-            raise ValueError("with `targets`, the model must not be an nn.Sequential (adapters would join the sequence)")
 
     if state is None:
         state = TuningState(
@@ -315,6 +317,11 @@ def _resolve_head(model: nn.Module, head: str | Sequence[str] | None) -> list[st
         top = [n for n, _ in model.named_children()]
         raise ValueError(f"head module(s) {missing} not found in {type(model).__name__}; its top-level modules are {top}")
     return names
+
+
+def model_name(model: nn.Module) -> str | None:
+    """The architecture name: set by ``build_dense_backbone``, else timm's ``pretrained_cfg``."""
+    return getattr(model, "model_name", None) or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
 
 
 def classifier_names(model: nn.Module) -> list[str]:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from ..methods import resolve_method
-from ..tuning import adapter_modules, apply, get_state, remove_adapter, set_active_adapter
+from ..tuning import adapter_modules, apply, get_state, model_name, remove_adapter, set_active_adapter
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "base_fingerprint", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -39,10 +39,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "monatune-adapter"
 FORMAT_VERSION = 1
-
-
-def _model_name(model: nn.Module) -> str | None:
-    return getattr(model, "model_name", None) or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
 
 
 def _file_key(model_key: str, qualname: str) -> str:
@@ -156,7 +152,7 @@ def save_adapter(
         "options": spec.options,
         "targets": spec.targets,
         "layout": spec.layout,
-        "backbone": _model_name(model),
+        "backbone": model_name(model),
         "dense": hasattr(model, "out_channels"),
         "head": list(state.head),
         "base_fingerprint": base_fingerprint(model, exclude=set(keys.values())),
@@ -224,7 +220,7 @@ def load_adapter(
     """
     config, tensors = read_adapter(path)
     name = adapter_name or config.get("adapter_name") or "default"
-    arch, saved_arch = _model_name(model), config.get("backbone")
+    arch, saved_arch = model_name(model), config.get("backbone")
     if arch and saved_arch and arch != saved_arch:
         raise ValueError(f"adapter '{path}' was trained on {saved_arch}, but the model is {arch}")
 

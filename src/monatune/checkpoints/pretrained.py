@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from timm.models import eva, swin_transformer, vision_transformer
 from torch import Tensor, nn
 
-from ..tuning import adapter_modules, classifier_names, get_state
+from ..tuning import adapter_modules, classifier_names, get_state, model_name
 
 __all__ = ["load_pretrained", "read_checkpoint", "read_state_dict", "LoadReport", "FORMATS", "UnsafeCheckpointError"]
 
@@ -195,7 +195,7 @@ def load_pretrained(
         )
     if fmt == "mmlab" and not any(k.startswith("backbone.") for k in raw):
         raise ValueError(f"'{path}' has no `backbone.` tensors, so it is not an OpenMMLab detector/segmentor file")
-    arch = getattr(model, "model_name", None) or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    arch = model_name(model) or type(model).__name__
     try:
         converted, skipped = convert_state_dict(raw, model, fmt)
     except (KeyError, AttributeError, RuntimeError, IndexError) as e:  # timm's filters assume a fitting file
