@@ -51,7 +51,7 @@ def test_params_command_options_and_errors(capsys):
     dims = [96] * 4 + [192] * 4 + [384] * 12 + [768] * 4
     assert small == sum(4 * c + 32 * c + 32 + 32 * c + c + 32 * 86 + 32 * 32 + 32 for c in dims)
     assert main(["params", "swin_tiny_patch4_window7_224", "--method", "nope"]) == 2
-    assert "unknown tuning method 'nope'; supported: mona" in capsys.readouterr().err
+    assert "unknown tuning method 'nope'; supported: full, fixed, bitfit" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

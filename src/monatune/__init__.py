@@ -21,7 +21,20 @@ from .checkpoints import (
 from .dense import build_dense_backbone
 from .methods import METHODS
 from .params import ParamReport, count_parameters
-from .tuning import adapter_modules, apply, get_state, is_tuned, remove_adapter, set_active_adapter, unapply
+from .tuning import (
+    active_adapter,
+    adapter_modules,
+    apply,
+    disable_adapters,
+    get_state,
+    is_tuned,
+    list_adapters,
+    merge_adapter,
+    remove_adapter,
+    set_active_adapter,
+    unapply,
+    unmerge_adapter,
+)
 
 from ._version import __version__
 
@@ -32,6 +45,11 @@ __all__ = [
     "unapply",
     "remove_adapter",
     "set_active_adapter",
+    "disable_adapters",
+    "active_adapter",
+    "list_adapters",
+    "merge_adapter",
+    "unmerge_adapter",
     "adapter_modules",
     "get_state",
     "is_tuned",

@@ -1,20 +1,49 @@
-"""Tuning methods by name: each is an options dataclass that builds the adapter for a width.
+"""Tuning methods by name: each is an options dataclass that says where its modules go and what trains.
 
 ``METHODS`` maps the name given to :func:`monatune.apply` (and ``--method`` on the command
 line) to its options class. Options are checked in ``__post_init__``, before any model is
-touched.
+touched. A method answers two questions about a model:
+
+- :meth:`MethodOptions.placements`: which adapter modules to put in which slot of which
+  block or layer (see :mod:`monatune.models.base` for the slots);
+- :meth:`MethodOptions.base_params`: which of the model's own parameters it trains in place.
+
+The head named at :func:`monatune.apply` always trains. Spec section 4 lists what each
+method trains in the release; option names are shared across methods (``bottleneck``,
+``dropout``, ``rank``, ``scale``).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
+from timm.layers import RmsNorm
+from timm.models.eva import EvaBlock
+from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from .adapters.bottleneck import Bottleneck, check_dropout, check_positive_int
+from .adapters.lora import LoRA
+from .adapters.lorand import LoRand
 from .adapters.mona import Mona, check_mona_options
+from .adapters.ssf import SSF
+from .adapters.vpt import Prompt, PromptCarry
+from .models.rules import base_modules, base_parameters, block_dim, find_blocks, leaf_type
 
-__all__ = ["METHODS", "MethodOptions", "MonaOptions", "resolve_method"]
+__all__ = ["METHODS", "MethodOptions", "Placement", "resolve_method"]
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, _BatchNorm, RmsNorm)
+
+
+@dataclass
+class Placement:
+    """One adapter module to add: ``host`` (module name) gets it in ``slot``."""
+
+    host: str
+    slot: str
+    module: nn.Module
 
 
 @dataclass
@@ -22,21 +51,125 @@ class MethodOptions:
     """Base of every method's options."""
 
     name: ClassVar[str]
-    #: Block slots the method fills, in the tuned blocks of ``monatune.models``.
-    slots: ClassVar[tuple[str, ...]] = ()
+    paper: ClassVar[str] = ""
+    #: Linear in the weights: can be folded into them for inference (``merge_adapter``).
+    mergeable: ClassVar[bool] = False
+    #: Trains the model's own weights in place (nothing to merge: they already are the weights).
+    in_place: ClassVar[bool] = False
+    #: Changes every weight: keeps no copy of the base, so it cannot share a backbone.
+    exclusive: ClassVar[bool] = False
+    #: Can go after any module of a model with ``targets=`` (a map-to-map adapter).
+    point_adapter: ClassVar[bool] = False
+
+    def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:
+        return []
+
+    def base_params(self, model: nn.Module, head: Sequence[str]) -> list[str]:
+        return []
 
     def build(self, dim: int) -> nn.Module:
-        raise NotImplementedError
+        raise ValueError(f"`targets=` places map adapters (mona); {self.name!r} goes where its method says")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+# ---------------------------------------------------------------- methods that train the model's own weights
+
+
 @dataclass
-class MonaOptions(MethodOptions):
-    """Mona (CVPR 2025): one adapter after each residual add of every block."""
+class FullOptions(MethodOptions):
+    """Full fine-tuning: every parameter trains."""
+
+    name: ClassVar[str] = "full"
+    paper: ClassVar[str] = "baseline"
+    in_place: ClassVar[bool] = True
+    exclusive: ClassVar[bool] = True
+
+    def base_params(self, model: nn.Module, head: Sequence[str]) -> list[str]:
+        return [n for n, _ in base_parameters(model, head)]
+
+
+@dataclass
+class FixedOptions(MethodOptions):
+    """Frozen backbone: only the head trains (a linear probe for classification)."""
+
+    name: ClassVar[str] = "fixed"
+    paper: ClassVar[str] = "baseline"
+    in_place: ClassVar[bool] = True
+
+
+@dataclass
+class BitFitOptions(MethodOptions):
+    """Every parameter whose name contains ``bias`` (with Swin's relative-position bias tables)."""
+
+    name: ClassVar[str] = "bitfit"
+    paper: ClassVar[str] = 'BitFit (Ben Zaken et al., ACL 2022)'
+    in_place: ClassVar[bool] = True
+
+    def base_params(self, model: nn.Module, head: Sequence[str]) -> list[str]:
+        return [n for n, _ in base_parameters(model, head) if "bias" in n]
+
+
+@dataclass
+class NormOptions(MethodOptions):
+    """Norm-tuning: every parameter of every normalisation layer."""
+
+    name: ClassVar[str] = "norm"
+    paper: ClassVar[str] = "Norm-tuning (Giannou et al., ICML 2023)"
+    in_place: ClassVar[bool] = True
+
+    def base_params(self, model: nn.Module, head: Sequence[str]) -> list[str]:
+        return [
+            f"{mname}.{pname}" if mname else pname
+            for mname, module in base_modules(model, head)
+            if isinstance(module, NORM_TYPES)
+            for pname, p in module._parameters.items()
+            if p is not None
+        ]
+
+
+@dataclass
+class PartialOptions(MethodOptions):
+    """Partial-k: the last ``blocks`` transformer blocks train (partial-1: the last block of the last stage)."""
+
+    name: ClassVar[str] = "partial-1"
+    paper: ClassVar[str] = "Partial-k (Yosinski et al., NeurIPS 2014)"
+    in_place: ClassVar[bool] = True
+
+    blocks: int = 1  # how many of the last blocks train
+
+    def __post_init__(self) -> None:
+        check_positive_int("blocks", self.blocks)
+
+    def base_params(self, model: nn.Module, head: Sequence[str]) -> list[str]:
+        blocks = find_blocks(model)
+        if self.blocks > len(blocks):
+            raise ValueError(f"`blocks` is {self.blocks} but the model has only {len(blocks)} blocks")
+        prefixes = tuple(f"{name}." for name, _ in blocks[-self.blocks :])
+        return [n for n, _ in base_parameters(model, head) if n.startswith(prefixes)]
+
+
+# ---------------------------------------------------------------- methods that add modules to blocks
+
+
+@dataclass
+class _SlotOptions(MethodOptions):
+    slots: ClassVar[tuple[str, ...]] = ()
+
+    def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:
+        return [
+            Placement(name, slot, self.build(block_dim(block))) for name, block in find_blocks(model) for slot in self.slots
+        ]
+
+
+@dataclass
+class MonaOptions(_SlotOptions):
+    """Mona: one adapter after each residual add of every block."""
 
     name: ClassVar[str] = "mona"
+    paper: ClassVar[str] = "Mona (Yin et al., CVPR 2025)"
+    point_adapter: ClassVar[bool] = True
     slots: ClassVar[tuple[str, ...]] = ("after_attn", "after_mlp")
 
     bottleneck: int = 64  # width of the bottleneck
@@ -51,17 +184,226 @@ class MonaOptions(MethodOptions):
         return Mona(dim, bottleneck=self.bottleneck, kernel_sizes=self.kernel_sizes, dropout=self.dropout)
 
 
-METHODS: dict[str, type[MethodOptions]] = {cls.name: cls for cls in (MonaOptions,)}
+@dataclass
+class AdapterOptions(_SlotOptions):
+    """Houlsby adapter on the attention and MLP outputs, inside DropPath."""
+
+    name: ClassVar[str] = "adapter"
+    paper: ClassVar[str] = "Adapter (Houlsby et al., ICML 2019)"
+    slots: ClassVar[tuple[str, ...]] = ("attn_out", "mlp_out")
+
+    bottleneck: int = 64  # hidden width
+    dropout: float = 0.1  # before the up-projection
+
+    def __post_init__(self) -> None:
+        check_positive_int("bottleneck", self.bottleneck)
+        check_dropout(self.dropout)
+
+    def build(self, dim: int) -> nn.Module:
+        return Bottleneck(dim, self.bottleneck, self.dropout)
+
+
+@dataclass
+class AdaptFormerOptions(_SlotOptions):
+    """AdaptFormer: a scaled bottleneck parallel to the MLP, fed the stream before LN2."""
+
+    name: ClassVar[str] = "adaptformer"
+    paper: ClassVar[str] = "AdaptFormer (Chen et al., NeurIPS 2022)"
+    slots: ClassVar[tuple[str, ...]] = ("mlp_parallel",)
+
+    bottleneck: int = 64  # hidden width
+    dropout: float = 0.1  # before the up-projection
+    scale: float = 0.1  # factor on the branch
+
+    def __post_init__(self) -> None:
+        check_positive_int("bottleneck", self.bottleneck)
+        check_dropout(self.dropout)
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool):
+            raise ValueError(f"`scale` must be a number, got {self.scale!r}")
+
+    def build(self, dim: int) -> nn.Module:
+        return Bottleneck(dim, self.bottleneck, self.dropout, scale=self.scale, residual=False)
+
+
+@dataclass
+class LoRandOptions(_SlotOptions):
+    """LoRand: low-rank-product adapters on the attention and MLP outputs (see ``adapters/lorand.py``)."""
+
+    name: ClassVar[str] = "lorand"
+    paper: ClassVar[str] = "LoRand (Yin et al., CVPR 2023)"
+    slots: ClassVar[tuple[str, ...]] = ("attn_out", "mlp_out")
+
+    bottleneck: int | None = None  # hidden width; None: half the block width
+    rank: int = 8  # size of each branch's kernel (beta)
+    branches: int = 2  # low-rank products per projection (alpha)
+
+    def __post_init__(self) -> None:
+        if self.bottleneck is not None:
+            check_positive_int("bottleneck", self.bottleneck)
+        check_positive_int("rank", self.rank)
+        check_positive_int("branches", self.branches)
+
+    def build(self, dim: int) -> nn.Module:
+        return LoRand(dim, self.bottleneck, rank=self.rank, branches=self.branches)
+
+
+@dataclass
+class VPTOptions(MethodOptions):
+    """Visual prompt tuning, deep (prompts in every block) or shallow (in the first)."""
+
+    name: ClassVar[str] = "vpt"
+    paper: ClassVar[str] = "VPT (Jia et al., ECCV 2022)"
+
+    num_tokens: int = 10  # prompts per block (deep) or in all (shallow)
+    deep: bool = True  # new prompts in every block, or only before the first
+    dropout: float = 0.0  # on the prompts
+
+    def __post_init__(self) -> None:
+        check_positive_int("num_tokens", self.num_tokens)
+        check_dropout(self.dropout)
+        if not isinstance(self.deep, bool):
+            raise ValueError(f"`deep` must be true or false, got {self.deep!r}")
+
+    def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:
+        blocks = find_blocks(model)
+        if any(isinstance(b, EvaBlock) for _, b in blocks):
+            raise ValueError("vpt does not support EVA blocks: their rotary embeddings fix the token layout")
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
+        area = int(patch[0] * patch[1]) if isinstance(patch, (tuple, list)) else int(patch) ** 2
+        carry = None if self.deep else PromptCarry()
+        placed = []
+        for i, (name, block) in enumerate(blocks):
+            prompt = Prompt(
+                block_dim(block),
+                self.num_tokens,
+                self.dropout,
+                learned=self.deep or i == 0,
+                carry=carry,
+                last=i == len(blocks) - 1,
+                patch_area=area,
+            )
+            stage = model.get_submodule(name.rsplit(".", 2)[0]) if name.count(".") >= 2 else None
+            downsample = getattr(stage, "downsample", None)
+            if carry is not None and i > 0 and name.endswith(".0") and isinstance(block, SwinTransformerBlock):
+                if downsample is not None and not isinstance(downsample, nn.Identity):
+                    prompt.__dict__["merge_layer"] = downsample
+            placed.append(Placement(name, "prompt", prompt))
+        return placed
+
+
+# ---------------------------------------------------------------- methods on linear layers
+
+
+_LORA_MODULES = ("q", "k", "v", "proj", "fc1", "fc2")
+
+
+@dataclass
+class LoRAOptions(MethodOptions):
+    """LoRA on the query and value slices of the fused qkv projection (release: rank 64, alpha 1)."""
+
+    name: ClassVar[str] = "lora"
+    paper: ClassVar[str] = "LoRA (Hu et al., ICLR 2022)"
+    mergeable: ClassVar[bool] = True
+
+    rank: int = 64  # rank of each update
+    alpha: float = 1.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the LoRA input
+    modules: tuple[str, ...] = ("q", "v")  # which projections: q, k, v, proj (attention out), fc1, fc2
+
+    def __post_init__(self) -> None:
+        self.modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
+        check_positive_int("rank", self.rank)
+        check_dropout(self.dropout)
+        bad = [m for m in self.modules if m not in _LORA_MODULES]
+        if bad or not self.modules:
+            raise ValueError(f"`modules` must be a non-empty subset of {_LORA_MODULES}, got {self.modules}")
+
+    def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:
+        placed = []
+        qkv_slices = [i for i, m in enumerate("qkv") if m in self.modules]
+        for name, block in find_blocks(model):
+            attn = block.attn
+            if qkv_slices and isinstance(getattr(attn, "qkv", None), nn.Linear):
+                if getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", False):
+                    raise ValueError(
+                        f"lora: '{name}.attn' computes its qkv projection without calling `qkv` (EVA with "
+                        "separate q/v biases); build the model with qkv_bias_separate=True"
+                    )
+                qkv = attn.qkv
+                placed.append(Placement(f"{name}.attn.qkv", "lora", self._lora(qkv, 3, qkv_slices)))
+            elif qkv_slices:
+                for m in "qkv":
+                    if m in self.modules:
+                        placed.append(Placement(f"{name}.attn.{m}_proj", "lora", self._lora(getattr(attn, f"{m}_proj"))))
+            for m, path in (("proj", "attn.proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
+                if m in self.modules:
+                    placed.append(Placement(f"{name}.{path}", "lora", self._lora(block.get_submodule(path))))
+        return placed
+
+    def _lora(self, linear: nn.Module, num_slices: int = 1, slices: Sequence[int] = (0,)) -> LoRA:
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"lora needs linear layers, found {type(linear).__name__}")
+        return LoRA(linear.in_features, linear.out_features, self.rank, self.alpha, self.dropout, num_slices, slices)
+
+
+@dataclass
+class SSFOptions(MethodOptions):
+    """SSF: scale and shift after every linear, LayerNorm and the patch-embedding convolution."""
+
+    name: ClassVar[str] = "ssf"
+    paper: ClassVar[str] = "SSF (Lian et al., NeurIPS 2022)"
+    mergeable: ClassVar[bool] = True
+
+    def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:
+        placed = []
+        for name, module in base_modules(model, head):
+            if leaf_type(module) is None:
+                continue
+            if name.endswith("attn.qkv") and _qkv_bypassed(model, name):
+                continue  # EVA with separate q/v biases never calls qkv's forward
+            if isinstance(module, nn.Conv2d):
+                placed.append(Placement(name, "ssf", SSF(module.out_channels, channel_dim=1)))
+            elif isinstance(module, nn.Linear):
+                placed.append(Placement(name, "ssf", SSF(module.out_features)))
+            elif module.weight is not None:  # LayerNorm with an affine to merge into
+                placed.append(Placement(name, "ssf", SSF(module.normalized_shape[-1])))
+        if not placed:
+            raise ValueError(f"ssf found no linear, LayerNorm or Conv2d layer in {type(model).__name__}")
+        return placed
+
+
+def _qkv_bypassed(model: nn.Module, qkv_name: str) -> bool:
+    attn = model.get_submodule(qkv_name.rsplit(".", 1)[0])
+    return getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", False)
+
+
+METHODS: dict[str, type[MethodOptions]] = {
+    cls.name: cls
+    for cls in (
+        FullOptions,
+        FixedOptions,
+        BitFitOptions,
+        NormOptions,
+        PartialOptions,
+        AdapterOptions,
+        LoRAOptions,
+        AdaptFormerOptions,
+        LoRandOptions,
+        SSFOptions,
+        VPTOptions,
+        MonaOptions,
+    )
+}
 
 
 def resolve_method(method: str, options: dict[str, Any] | None = None) -> MethodOptions:
     """Options object for ``method``; ``ValueError`` for an unknown name or option."""
     if method not in METHODS:
-        raise ValueError(f"unknown tuning method {method!r}; supported: {', '.join(sorted(METHODS))}")
+        raise ValueError(f"unknown tuning method {method!r}; supported: {', '.join(METHODS)}")
     cls = METHODS[method]
     options = dict(options or {})
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; its options are {allowed}")
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; its options are {allowed or 'none'}")
     return cls(**options)

@@ -30,8 +30,18 @@ class ParamReport:
         """Parameters of the base model (not adapters, not head)."""
         return self.total - self.adapter - self.head
 
+    @property
+    def trainable_backbone(self) -> int:
+        """Trainable parameters outside the head: the adapters plus any of the model's own weights that train."""
+        return self.trainable - self.by_kind.get("head", {}).get("trainable", 0)
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "backbone": self.backbone, "trainable_percent": round(self.trainable_percent, 4)}
+        return {
+            **asdict(self),
+            "backbone": self.backbone,
+            "trainable_backbone": self.trainable_backbone,
+            "trainable_percent": round(self.trainable_percent, 4),
+        }
 
     def __str__(self) -> str:
         name = f"{self.model} " if self.model else ""

@@ -1,9 +1,20 @@
-"""Put adapters into a backbone and decide what trains.
+"""Put adapters into a backbone, decide what trains, and manage several named adapters.
 
-:func:`apply` finds the blocks it knows (timm Swin, ViT/DeiT/DINOv2, EVA) and fills their
-adapter slots, or, with ``targets=``, hooks an adapter after every module whose name
-matches. Then it freezes everything except the adapters and the head named by the caller.
+:func:`apply` asks the method where its modules go (block slots, linear layers) and which
+of the model's own weights it trains, then fills the slots and freezes the rest.
 :func:`unapply` undoes all of it exactly. The bookkeeping lives in ``model._monatune_state``.
+
+Several adapters, one backbone. Each :func:`apply` with a new ``adapter_name`` adds an
+adapter; one is active (it runs and trains), :func:`set_active_adapter` switches,
+:func:`disable_adapters` turns all off, :func:`remove_adapter` deletes one. Methods that
+train the model's own weights in place (bitfit, norm, partial-1, and every adapter's head)
+keep a copy of the frozen values of just those weights; switching away from an adapter
+puts its trained values aside and the frozen ones back, so the backbone exists once.
+``full`` changes every weight and cannot share a backbone.
+
+Merging. LoRA and SSF are linear in the weights: :func:`merge_adapter` folds the active
+one into the weights it modifies (no extra cost at inference), :func:`unmerge_adapter`
+restores those weights exactly from a copy taken at merge time.
 """
 from __future__ import annotations
 
@@ -11,16 +22,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from timm.models.eva import EvaBlock
-from timm.models.swin_transformer import SwinTransformerBlock
-from timm.models.vision_transformer import Block
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .methods import resolve_method
+from .methods import METHODS, Placement, resolve_method
 from .models.base import SLOTS, TunedBlockMixin, swap_class
 from .models.generic import POINTS_ATTR, MapHook, infer_channels, point_key
-from .models.swin import TunedSwinBlock
+from .models.rules import SUPPORTED_BLOCKS, tuned_rule
 from .models.vit import TunedEvaBlock, TunedViTBlock, attach_token_grid, detach_token_grid
 
 __all__ = [
@@ -28,6 +37,11 @@ __all__ = [
     "unapply",
     "remove_adapter",
     "set_active_adapter",
+    "disable_adapters",
+    "active_adapter",
+    "list_adapters",
+    "merge_adapter",
+    "unmerge_adapter",
     "get_state",
     "adapter_modules",
     "is_tuned",
@@ -40,18 +54,6 @@ __all__ = [
 
 STATE_ATTR = "_monatune_state"
 
-#: timm block class -> tuned subclass swapped in. Exact types only: a subclass may have a
-#: different forward, which the tuned class would silently replace.
-BLOCK_RULES: dict[type[nn.Module], type[nn.Module]] = {
-    SwinTransformerBlock: TunedSwinBlock,
-    Block: TunedViTBlock,
-    EvaBlock: TunedEvaBlock,
-}
-SUPPORTED_BLOCKS = (
-    "timm Swin v1 (swin_transformer.SwinTransformerBlock), "
-    "timm ViT / DeiT / DINOv2 (vision_transformer.Block), timm EVA (eva.EvaBlock)"
-)
-
 
 @dataclass
 class AdapterSpec:
@@ -59,18 +61,23 @@ class AdapterSpec:
 
     method: str
     options: dict[str, Any]
-    targets: str | None = None  # regex of modules hooked, or None for block slots
+    targets: str | None = None  # regex of modules hooked, or None for the method's own placement
     layout: str = "NCHW"  # layout of the hooked modules' outputs
+    base_params: list[str] = field(default_factory=list)  # the model's own weights it trains in place
+    merged: bool = False
 
 
 @dataclass
 class TuningState:
     adapters: dict[str, AdapterSpec]
-    active: str
+    active: str | None
     head: list[str]
     original_requires_grad: dict[str, bool]
-    swapped: list[str] = field(default_factory=list)  # blocks whose class apply() swapped
+    swapped: list[str] = field(default_factory=list)  # modules whose class apply() swapped
     grid_attached: bool = False
+    pristine: dict[str, Tensor] = field(default_factory=dict)  # frozen values of weights trained in place
+    stash: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # in-place values of inactive adapters
+    merge_backup: dict[str, Tensor | None] = field(default_factory=dict)  # weights before a merge (None: added)
 
 
 def get_state(model: nn.Module) -> TuningState | None:
@@ -92,21 +99,24 @@ def apply(
     adapter_name: str = "default",
     **options: Any,
 ) -> nn.Module:
-    """Add a tuning method's adapters to ``model`` in place and freeze the rest.
+    """Add a tuning method to ``model`` in place and freeze what the method does not train.
 
     Args:
-        model: A timm model (Swin, ViT family, EVA) or a :class:`monatune.DenseBackbone`;
-            with ``targets``, any model.
-        method: Method name, see ``monatune.METHODS``.
+        model: A timm model (Swin, ViT family, EVA) or a dense backbone from
+            :func:`monatune.build_dense_backbone`; with ``targets``, or for methods that need
+            no blocks (full, fixed, bitfit, norm, ssf), any model.
+        method: Method name, see ``monatune.METHODS`` (``"mona"``, ``"lora"``, ``"bitfit"``, ...).
         head: Modules that stay fully trainable: ``"auto"`` (the timm classifier, if the
             model has one with parameters), a module name, a list of names, or None. Set
             by the first adapter; later adapters on the same model share it.
-        targets: Instead of block rules, a regex; an adapter goes after every module whose
-            qualified name fully matches it. Their outputs must be 4-d maps.
+        targets: For Mona only: instead of the block rules, a regex; an adapter goes after
+            every module whose qualified name fully matches it. Their outputs must be 4-d maps.
         layout: Layout of the targets' outputs, ``"NCHW"`` or ``"NHWC"``.
         dim: Channels of the targets' outputs, if they cannot be read off the model.
-        adapter_name: Name of this adapter (several can share one backbone).
-        **options: The method's options, e.g. ``bottleneck=64`` for Mona.
+        adapter_name: Name of this adapter (several can share one backbone). The first
+            adapter of a model becomes active; later ones are activated with
+            :func:`set_active_adapter`.
+        **options: The method's options, e.g. ``bottleneck=64`` for Mona, ``rank=8`` for LoRA.
 
     Returns:
         ``model``, now tuned.
@@ -115,33 +125,47 @@ def apply(
         >>> import timm, monatune
         >>> model = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10)
         >>> monatune.apply(model, "mona")   # Mona in every block; the classifier trains
-        >>> convnext = timm.create_model("convnext_tiny", num_classes=10)
-        >>> monatune.apply(convnext, "mona", targets=r"stages\\.\\d+")
+        >>> monatune.apply(model, "lora", adapter_name="lora", rank=8)
+        >>> monatune.set_active_adapter(model, "lora")
     """
     spec = resolve_method(method, options)
+    cls = type(spec)
     if layout not in ("NCHW", "NHWC"):
         raise ValueError(f"`layout` must be 'NCHW' or 'NHWC', got {layout!r}")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"`adapter_name` must be a non-empty string without dots, got {adapter_name!r}")
     state = get_state(model)
-    if state is not None and adapter_name in state.adapters:
-        raise ValueError(f"the model already has an adapter named {adapter_name!r}; choose another `adapter_name`")
+    if state is not None:
+        if adapter_name in state.adapters:
+            raise ValueError(f"the model already has an adapter named {adapter_name!r}; choose another `adapter_name`")
+        if cls.exclusive or any(METHODS[a.method].exclusive for a in state.adapters.values()):
+            raise ValueError(
+                "full fine-tuning changes every weight, so it cannot share a backbone with other adapters; "
+                f"the model has {sorted(state.adapters)}. Use a fresh model"
+            )
     heads = _resolve_head(model, head) if state is None else state.head
 
     # Plan and build everything before touching the model, so a failure changes nothing.
-    if targets is not None and isinstance(model, (nn.Sequential, nn.ModuleList)):
-        raise ValueError("with `targets`, the model must not be an nn.Sequential (adapters would join the sequence)")
-    if targets is None:
-        blocks = _find_blocks(model)
-        planned = [(name, block, {slot: spec.build(_block_dim(block)) for slot in spec.slots}) for name, block in blocks]
-    else:
-        points = _match_targets(model, targets)
+    placements: list[Placement] = []
+    base_params: list[str] = []
+    if targets is not None:
+        if not cls.point_adapter:
+            raise ValueError(f"`targets=` places map adapters after modules (mona); {method!r} has its own placement")
+        if isinstance(model, (nn.Sequential, nn.ModuleList)):
+            raise ValueError("with `targets`, the model must not be an nn.Sequential (adapters would join the sequence)")
         planned_points = []
-        for name, module in points:
+        for name, module in _match_targets(model, targets):
             channels = dim or infer_channels(model, name, module)
             if channels is None:
                 raise ValueError(f"cannot tell the output channels of '{name}'; pass `dim=`")
             planned_points.append((name, module, channels, spec.build(channels)))
+    else:
+        placements = spec.placements(model, heads)
+        base_params = spec.base_params(model, heads)
+        for p in placements:
+            host = model.get_submodule(p.host)
+            if not isinstance(host, TunedBlockMixin) and tuned_rule(host) is None:
+                raise ValueError(f"{method}: monatune cannot put adapters into '{p.host}' ({type(host).__name__})")
 
     if state is None:
         state = TuningState(
@@ -151,24 +175,29 @@ def apply(
             original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
         )
         model.__dict__[STATE_ATTR] = state
-    state.adapters[adapter_name] = AdapterSpec(method, spec.to_dict(), targets, layout)
+    state.adapters[adapter_name] = AdapterSpec(method, spec.to_dict(), targets, layout, base_params)
+    if not cls.exclusive:
+        params = dict(model.named_parameters())
+        for name in base_params + _head_params(model, state):
+            if name not in state.pristine:
+                state.pristine[name] = _snapshot(params[name])
 
-    if targets is None:
-        token_blocks = []
-        for name, block, slots in planned:
-            if type(block) in BLOCK_RULES:
-                swap_class(block, BLOCK_RULES[type(block)])
-                state.swapped.append(name)
-            for slot, adapter in slots.items():
-                if slot not in block._modules:
-                    block.add_module(slot, nn.ModuleDict())
-                block._modules[slot][adapter_name] = adapter.train(block.training)
-            if isinstance(block, (TunedViTBlock, TunedEvaBlock)):
-                token_blocks.append(block)
-        if token_blocks:
-            state.grid_attached = state.grid_attached or getattr(model, "_monatune_grid", None) is None
-            attach_token_grid(model, token_blocks)
-    else:
+    token_blocks = []
+    for p in placements:
+        host = model.get_submodule(p.host)
+        rule = tuned_rule(host)
+        if rule is not None:
+            swap_class(host, rule)
+            state.swapped.append(p.host)
+        if p.slot not in host._modules:
+            host.add_module(p.slot, nn.ModuleDict())
+        host._modules[p.slot][adapter_name] = p.module.train(host.training)
+        if isinstance(host, (TunedViTBlock, TunedEvaBlock)):
+            token_blocks.append(host)
+    if token_blocks:
+        state.grid_attached = state.grid_attached or getattr(model, "_monatune_grid", None) is None
+        attach_token_grid(model, token_blocks)
+    if targets is not None:
         if POINTS_ATTR not in model._modules:
             model.add_module(POINTS_ATTR, nn.ModuleDict())
         for name, module, channels, adapter in planned_points:
@@ -178,23 +207,35 @@ def apply(
                 bank[key] = nn.ModuleDict()
                 module.register_forward_hook(MapHook(bank[key], name, layout, channels))
             bank[key][adapter_name] = adapter.train(module.training)
-    set_active_adapter(model, state.active)
+    _sync(model, state)
     return model
 
 
 def set_active_adapter(model: nn.Module, name: str) -> None:
-    """Make ``name`` the adapter that runs and trains."""
+    """Make ``name`` the adapter that runs and trains (and turn adapters back on after :func:`disable_adapters`)."""
     state = _require_state(model)
     if name not in state.adapters:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(state.adapters)}")
-    state.active = name
-    for module in model.modules():
-        if isinstance(module, TunedBlockMixin):
-            module.active_adapter = name
-        for hook in module._forward_hooks.values():
-            if isinstance(hook, MapHook):
-                hook.active_adapter = name
-    _refresh_trainable(model, state)
+    _switch(model, state, name)
+
+
+def disable_adapters(model: nn.Module) -> None:
+    """Run the base model: no adapter runs, weights trained in place are back to their frozen values."""
+    _switch(model, _require_state(model), None)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """Name of the active adapter (None when disabled)."""
+    return _require_state(model).active
+
+
+def list_adapters(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every adapter by name: its method, options, and whether it is active and merged."""
+    state = _require_state(model)
+    return {
+        name: {"method": spec.method, "options": dict(spec.options), "active": name == state.active, "merged": spec.merged}
+        for name, spec in state.adapters.items()
+    }
 
 
 def adapter_modules(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, str, nn.Module]]:
@@ -213,6 +254,56 @@ def adapter_modules(model: nn.Module, name: str | None = None) -> Iterator[tuple
                 yield _join(POINTS_ATTR, key, aname), aname, adapter
 
 
+def merge_adapter(model: nn.Module) -> None:
+    """Fold the active adapter into the weights it modifies (LoRA, SSF), for inference at no extra cost.
+
+    Methods that train weights in place (bitfit, norm, partial-1, full, fixed) already are
+    the weights: nothing to do. Others (mona, adapter, adaptformer, lorand, vpt) are not
+    linear in the weights and raise.
+    """
+    state = _require_state(model)
+    spec = _active_spec(state, "merge")
+    cls = METHODS[spec.method]
+    if spec.merged or cls.in_place:
+        return
+    if not cls.mergeable:
+        mergeable = sorted(m for m, c in METHODS.items() if c.mergeable or c.in_place)
+        raise ValueError(f"{spec.method} is not linear in the weights and cannot be merged; mergeable: {mergeable}")
+    params = dict(model.named_parameters())
+    for qualname, _, adapter in list(adapter_modules(model, state.active)):
+        host_name = qualname.rsplit(".", 2)[0]
+        host = model.get_submodule(host_name)
+        for pname in ("weight", "bias"):
+            key = _join(host_name, pname)
+            if key not in state.merge_backup:
+                state.merge_backup[key] = _snapshot(params[key]) if key in params else None
+        adapter.merge_into(host)
+        adapter.merged = True
+    spec.merged = True
+    _sync(model, state)
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Undo :func:`merge_adapter`: the weights it changed get their exact earlier values back."""
+    state = _require_state(model)
+    spec = _active_spec(state, "unmerge")
+    if not spec.merged:
+        return
+    with torch.no_grad():
+        for key, value in state.merge_backup.items():
+            host_name, pname = key.rsplit(".", 1) if "." in key else ("", key)
+            host = model.get_submodule(host_name)
+            if value is None:
+                setattr(host, pname, None)  # a bias the merge added
+            else:
+                getattr(host, pname).copy_(value)
+    state.merge_backup.clear()
+    for _, _, adapter in adapter_modules(model, state.active):
+        adapter.merged = False
+    spec.merged = False
+    _sync(model, state)
+
+
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete one named adapter; deleting the last one is :func:`unapply`."""
     state = _require_state(model)
@@ -221,6 +312,10 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     if len(state.adapters) == 1:
         unapply(model)
         return
+    was_active = state.active == name
+    if was_active:
+        unmerge_adapter(model)
+        _switch(model, state, None)
     for module in model.modules():
         for slot in SLOTS if isinstance(module, TunedBlockMixin) else ():
             bank = module._modules.get(slot)
@@ -230,13 +325,36 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         if name in bank:
             del bank[name]
     del state.adapters[name]
-    if state.active == name:
-        set_active_adapter(model, next(iter(state.adapters)))
+    state.stash.pop(name, None)
+    needed = set(_head_params(model, state)).union(*(spec.base_params for spec in state.adapters.values()))
+    for key in [k for k in state.pristine if k not in needed]:
+        del state.pristine[key]
+    if was_active:
+        _switch(model, state, next(iter(state.adapters)))
 
 
-def unapply(model: nn.Module) -> nn.Module:
-    """Remove every adapter and restore the model as it was before :func:`apply`."""
+def unapply(model: nn.Module, *, merge: bool = False) -> nn.Module:
+    """Remove every adapter and give back the plain model.
+
+    Args:
+        model: A tuned model.
+        merge: Keep the active adapter's effect: merge it (LoRA, SSF) and keep the weights
+            it trained in place (bitfit, norm, partial-1, and the head). By default the model
+            is restored exactly as it was before :func:`apply` (except after ``full``, which
+            keeps no copy of the weights it trains).
+
+    Returns:
+        ``model``.
+    """
     state = _require_state(model)
+    if merge:
+        if state.active is not None:
+            merge_adapter(model)
+    else:
+        if state.active is not None:
+            unmerge_adapter(model)
+        if state.active is not None and not METHODS[state.adapters[state.active].method].exclusive:
+            _switch(model, state, None)
     swapped = set(state.swapped)
     for mname, module in list(model.named_modules()):
         if isinstance(module, TunedBlockMixin):
@@ -259,6 +377,17 @@ def unapply(model: nn.Module) -> nn.Module:
     return model
 
 
+def refresh_pristine(model: nn.Module, names: Sequence[str]) -> None:
+    """After new base weights were loaded into a tuned model, take them as the frozen values."""
+    state = get_state(model)
+    if state is None:
+        return
+    params = dict(model.named_parameters())
+    for name in names:
+        if name in state.pristine and name in params:
+            state.pristine[name] = _snapshot(params[name])
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -271,23 +400,6 @@ def _require_state(model: nn.Module) -> TuningState:
     if state is None:
         raise ValueError("the model has no monatune adapters; call monatune.apply(model, method) first")
     return state
-
-
-def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    blocks = [
-        (name, m) for name, m in model.named_modules() if type(m) in BLOCK_RULES or isinstance(m, TunedBlockMixin)
-    ]
-    if not blocks:
-        raise ValueError(
-            f"monatune has no block rules for {type(model).__name__}: it knows {SUPPORTED_BLOCKS}. For other "
-            "models, put adapters after modules whose output is a feature map with "
-            "`targets=<regex of module names>` (and `layout='NCHW'` or 'NHWC')"
-        )
-    return blocks
-
-
-def _block_dim(block: nn.Module) -> int:
-    return next(m for m in block.modules() if isinstance(m, nn.Linear)).in_features
 
 
 def _match_targets(model: nn.Module, targets: str) -> list[tuple[str, nn.Module]]:
@@ -337,13 +449,74 @@ def _keep_eval(module: nn.Module, args: Any) -> None:
     module.training = False
 
 
-def _refresh_trainable(model: nn.Module, state: TuningState) -> None:
-    model.requires_grad_(False)
-    for _, _, adapter in adapter_modules(model, state.active):
-        adapter.requires_grad_(True)
-    for name in state.head:
-        model.get_submodule(name).requires_grad_(True)
+def _snapshot(t: Tensor) -> Tensor:
+    """A detached copy, kept on the CPU (on the meta device for meta tensors)."""
+    return t.detach().clone() if t.is_meta else t.detach().to("cpu", copy=True)
+
+
+def _head_params(model: nn.Module, state: TuningState) -> list[str]:
+    return [_join(h, n) for h in state.head for n, _ in model.get_submodule(h).named_parameters()]
+
+
+def _in_place(model: nn.Module, state: TuningState, name: str) -> list[str]:
+    """The model's own weights adapter ``name`` trains: its method's, and the head."""
+    return state.adapters[name].base_params + _head_params(model, state)
+
+
+def _active_spec(state: TuningState, action: str) -> AdapterSpec:
+    if state.active is None:
+        raise ValueError(f"adapters are disabled; set_active_adapter(model, name) before you {action}")
+    return state.adapters[state.active]
+
+
+@torch.no_grad()
+def _switch(model: nn.Module, state: TuningState, new: str | None) -> None:
+    """Make ``new`` active: put the outgoing adapter's in-place weights aside, bring the incoming one's back."""
+    old = state.active
+    if old != new and old is not None:
+        spec = state.adapters[old]
+        if spec.merged:
+            raise ValueError(f"adapter {old!r} is merged into the weights; call unmerge_adapter(model) first")
+        if METHODS[spec.method].exclusive:
+            raise ValueError("full fine-tuning changed the weights themselves; there is no base model to switch to")
+        params = dict(model.named_parameters())
+        names = _in_place(model, state, old)
+        state.stash[old] = {n: _snapshot(params[n]) for n in names}
+        for n in names:
+            params[n].copy_(state.pristine[n])
+    state.active = new
+    if old != new and new is not None:
+        params = dict(model.named_parameters())
+        for n, value in state.stash.pop(new, {}).items():
+            params[n].copy_(value)
+    _sync(model, state)
+
+
+def _sync(model: nn.Module, state: TuningState) -> None:
+    """Point every tuned module at the active adapter and set what trains."""
     for module in model.modules():
-        if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
-            if _keep_eval not in module._forward_pre_hooks.values():
+        if isinstance(module, TunedBlockMixin):
+            module.active_adapter = state.active
+        for hook in module._forward_hooks.values():
+            if isinstance(hook, MapHook):
+                hook.active_adapter = state.active
+    model.requires_grad_(False)
+    if state.active is not None:
+        spec = state.adapters[state.active]
+        if not spec.merged:
+            for _, _, adapter in adapter_modules(model, state.active):
+                adapter.requires_grad_(True)
+        params = dict(model.named_parameters())
+        for name in spec.base_params:
+            params[name].requires_grad_(True)
+        for name in state.head:
+            model.get_submodule(name).requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            frozen = not any(p.requires_grad for p in module.parameters())
+            hooked = [k for k, hook in module._forward_pre_hooks.items() if hook is _keep_eval]
+            if frozen and not hooked:
                 module.register_forward_pre_hook(_keep_eval)
+            elif not frozen:
+                for key in hooked:
+                    del module._forward_pre_hooks[key]

@@ -53,15 +53,23 @@ def _saved_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
         for k in module.state_dict():
             model_key = f"{qualname}.{k}"
             keys[_file_key(model_key, qualname)] = model_key
-    adapter_prefixes = tuple(f"{q}." for q, _, _ in adapter_modules(model))
     state = get_state(model)
     for head in state.head if state else []:
         for k in model.get_submodule(head).state_dict():
             keys[f"{head}.{k}"] = f"{head}.{k}"
-    for name, param in model.named_parameters():  # base tensors a method trains (bitfit, norm, ...)
-        if param.requires_grad and not name.startswith(adapter_prefixes):
-            keys.setdefault(name, name)
+    for name in state.adapters[adapter_name].base_params if state else []:  # weights trained in place (bitfit, ...)
+        keys.setdefault(name, name)
     return keys
+
+
+def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
+    """The adapter's tensors by file key; an inactive adapter's in-place weights come from where they were put aside."""
+    state = get_state(model)
+    model_state = model.state_dict()
+    aside = {}
+    if state is not None and adapter_name != state.active:
+        aside = {**{k: v for k, v in state.pristine.items()}, **state.stash.get(adapter_name, {})}
+    return {f: aside.get(m, model_state[m]) for f, m in _saved_keys(model, adapter_name).items()}
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, Tensor]:
@@ -69,17 +77,31 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
     state = get_state(model)
     if state is None:
         raise ValueError("the model has no monatune adapters; call monatune.apply(model, method) first")
-    model_state = model.state_dict()
-    return {f: model_state[m] for f, m in _saved_keys(model, adapter_name or state.active).items()}
+    name = adapter_name or state.active
+    if name not in state.adapters:
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(state.adapters)}")
+    return _adapter_tensors(model, name)
 
 
 def base_fingerprint(model: nn.Module, exclude: set[str]) -> str:
-    """Hash of every state tensor except the adapters and ``exclude``: names, dtypes, shapes, values."""
+    """Hash of every state tensor except the adapters and ``exclude``: names, dtypes, shapes, values.
+
+    Weights that an adapter trains in place or that a merge changed are hashed with their
+    frozen values, so the fingerprint does not depend on which adapter is active.
+    """
     adapter_prefixes = tuple(f"{q}." for q, _, _ in adapter_modules(model))
+    state = get_state(model)
+    frozen: dict[str, Tensor | None] = {}
+    if state is not None:
+        frozen = {**state.pristine, **state.merge_backup}
     digest = hashlib.blake2b(digest_size=16)
     for key, tensor in sorted(model.state_dict().items()):
         if key in exclude or key.startswith(adapter_prefixes):
             continue
+        if key in frozen:
+            if frozen[key] is None:
+                continue  # a bias a merge added
+            tensor = frozen[key]
         if tensor.is_meta:
             raise ValueError("the model's weights are on the meta device; materialise them before saving or loading")
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -134,10 +156,9 @@ def save_adapter(
     if path.exists() and not path.is_dir():
         raise ValueError(f"'{path}' exists and is not a directory; an adapter is saved as a directory")
     keys = _saved_keys(model, name)
-    model_state = model.state_dict()
     tensors = {}
-    for file_key, model_key in keys.items():
-        t = model_state[model_key].detach()
+    for file_key, t in _adapter_tensors(model, name).items():
+        t = t.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[file_key] = t.cpu().contiguous()
@@ -269,12 +290,13 @@ def load_adapter(
                     f"(fingerprint {found} vs {config.get('base_fingerprint')}); load the same pretrained weights "
                     "first, or pass check_base=False if you know the difference is intended"
                 )
+        set_active_adapter(model, name)  # puts the outgoing adapter's in-place weights aside
     except BaseException:
         if not existing:
             remove_adapter(model, name)
         raise
+    target = model.state_dict()
     with torch.no_grad():
         for file_key, model_key in keys.items():
             target[model_key].copy_(tensors[file_key])
-    set_active_adapter(model, name)
     return model

@@ -1,13 +1,23 @@
-"""What every tuned block shares: named adapter slots, one active adapter.
+"""What every tuned module shares: named adapter slots, one active adapter.
 
-A tuned block is the timm block itself with its class swapped for a subclass whose forward
-calls the adapter slots (so the block keeps its parameters and state-dict keys). Each slot
+A tuned module is the timm module itself with its class swapped for a subclass whose
+forward calls the adapter slots (so it keeps its parameters and state-dict keys). Each slot
 is an ``nn.ModuleDict`` child keyed by adapter name, created when an adapter is added::
 
     layers.0.blocks.1.after_attn.default.project1.weight
     \\_ block ______/ \\_ slot _/ \\_ name/ \\_ adapter tensor
 
 so one frozen backbone can carry several named adapters; the active one runs.
+
+Blocks have the slots below, in the order they run; the leaf modules of a block (linears,
+LayerNorms, the patch embedding's convolution) have ``lora`` and ``ssf``::
+
+    prompt        VPT tokens that join the block's attention
+    attn_out      on the attention branch, before DropPath     (Houlsby adapter, LoRand)
+    after_attn    on the stream after the first residual add   (Mona)
+    mlp_parallel  a branch beside the MLP, fed the stream       (AdaptFormer)
+    mlp_out       on the MLP branch, before DropPath           (Houlsby adapter, LoRand)
+    after_mlp     on the stream after the second residual add  (Mona)
 """
 from __future__ import annotations
 
@@ -15,22 +25,28 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["TunedBlockMixin", "SLOTS"]
+__all__ = ["TunedBlockMixin", "SLOTS", "BLOCK_SLOTS", "LEAF_SLOTS", "swap_class"]
 
-#: Slot names, in the order they run in a block.
-SLOTS = ("after_attn", "after_mlp")
+BLOCK_SLOTS = ("prompt", "attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp")
+LEAF_SLOTS = ("lora", "ssf")
+SLOTS = BLOCK_SLOTS + LEAF_SLOTS
 
 
 class TunedBlockMixin:
-    """Mixin for swapped-in block classes. Never instantiated on its own."""
+    """Mixin for swapped-in classes. Never instantiated on its own."""
 
     active_adapter: str | None = None
 
-    def _adapt(self, slot: str, x: Tensor, **kwargs: Any) -> Tensor:
+    def _slot(self, slot: str) -> nn.Module | None:
+        """The active adapter in ``slot``, or None."""
         adapters = self._modules.get(slot)  # type: ignore[attr-defined]
-        if adapters is None or self.active_adapter not in adapters:
-            return x
-        return adapters[self.active_adapter](x, **kwargs)
+        if adapters is None or self.active_adapter is None:
+            return None
+        return adapters._modules.get(self.active_adapter)
+
+    def _adapt(self, slot: str, x: Tensor, **kwargs: Any) -> Tensor:
+        adapter = self._slot(slot)
+        return x if adapter is None else adapter(x, **kwargs)
 
 
 def swap_class(module: nn.Module, tuned_cls: type) -> None:

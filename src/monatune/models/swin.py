@@ -1,31 +1,35 @@
-"""Where Mona goes in a timm Swin Transformer block, and the release's window partition.
+"""Where the methods go in a timm Swin Transformer block, and the release's window partition.
 
-Two adapters per block, each on the residual stream right after a residual add
-(spec section 3; the release's ``my_module_1`` / ``my_module_2``)::
+The block's forward, with every slot (spec section 3 for Mona; see
+:mod:`monatune.models.base` for which method fills which slot)::
 
-    x = x + DropPath(WindowAttention(LN1(x)))
-    x = Mona_1(x)                                   # slot "after_attn"
-    x = x + DropPath(MLP(LN2(x)))
-    x = Mona_2(x)                                   # slot "after_mlp"
+    x = x + DropPath(attn_out(WindowAttention(LN1(x), prompts)))
+    x = after_attn(x)                                   # Mona_1 (release: my_module_1)
+    x = x + DropPath(mlp_out(MLP(LN2(x)))) + mlp_parallel(x)
+    x = after_mlp(x)                                    # Mona_2 (release: my_module_2)
 
-The stream is a channels-last (B, H, W, C) map throughout, so Mona never copies it.
+An empty slot is skipped. The stream is a channels-last (B, H, W, C) map throughout, so
+Mona never copies it.
 
 Window partition. timm 1.0 (without ``always_partition``) shrinks the window and drops the
 shift on maps smaller than the window, and with dynamic sizes pads *after* the cyclic
 shift. The release's dense backbone keeps the window fixed, pads the map to whole windows
 *before* the shift and builds the shift mask on the padded map. ``release_windows = True``
 (set by :class:`monatune.dense.DenseBackbone`) selects that behaviour.
+
+VPT prompts (slot ``prompt``) join every window's tokens inside the attention, with zero
+relative-position bias and no shift mask, as in the VPT authors' Swin code.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention, window_partition, window_reverse
 from torch import Tensor
 
 from .base import TunedBlockMixin
 
-__all__ = ["TunedSwinBlock", "release_shift_mask"]
+__all__ = ["TunedSwinBlock", "release_shift_mask", "prompted_window_attention"]
 
 
 def release_shift_mask(
@@ -43,20 +47,79 @@ def release_shift_mask(
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
+def prompted_window_attention(
+    attn: WindowAttention, windows: Tensor, mask: Tensor | None, prompts: Tensor
+) -> tuple[Tensor, Tensor]:
+    """timm's window attention with ``prompts`` (B, n, C) prepended to every window.
+
+    Returns the windows' outputs (nW*B, N, C) and the prompts' outputs averaged over the
+    windows of each image (B, n, C).
+    """
+    B, n, C = prompts.shape
+    nWB, N, _ = windows.shape
+    nW = nWB // B
+    x = torch.cat([prompts.unsqueeze(1).expand(B, nW, n, C).reshape(nWB, n, C), windows], dim=1)
+    T = n + N
+    q, k, v = attn.qkv(x).reshape(nWB, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = F.pad(attn._get_rel_pos_bias(), (n, 0, n, 0))  # 1, heads, T, T; zero for prompts
+    if mask is not None:
+        shift = F.pad(mask, (n, 0, n, 0)).to(bias.dtype)  # nW, T, T
+        bias = (bias.unsqueeze(1) + shift.unsqueeze(1).unsqueeze(0)).expand(B, -1, -1, -1, -1)
+        bias = bias.reshape(nWB, attn.num_heads, T, T)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    y = attn.proj_drop(attn.proj(y.transpose(1, 2).reshape(nWB, T, -1)))
+    return y[:, n:], y[:, :n].reshape(B, nW, n, -1).mean(1)
+
+
 class TunedSwinBlock(SwinTransformerBlock, TunedBlockMixin):
     """A timm ``SwinTransformerBlock`` with adapter slots (class swapped in, never built)."""
 
     release_windows: bool = False
 
     def forward(self, x: Tensor) -> Tensor:  # B, H, W, C
-        attn = self._release_attn if self.release_windows else self._attn
-        x = x + self.drop_path1(attn(self.norm1(x)))
+        prompt = self._slot("prompt")
+        tokens = prompt.enter(x.shape[0], x) if prompt is not None else None  # B, n, C
+        attn = self._release_attn if self.release_windows else self._timm_attn
+        y, prompt_out = attn(self.norm1(x), None if tokens is None else self.norm1(tokens))
+        x = x + self.drop_path1(self._adapt("attn_out", y))
         x = self._adapt("after_attn", x)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        parallel = self._slot("mlp_parallel")
+        mlp = self.drop_path2(self._adapt("mlp_out", self.mlp(self.norm2(x))))
+        x = x + mlp if parallel is None else x + mlp + parallel(x)
         x = self._adapt("after_mlp", x)
+        if prompt is not None and prompt.carries:  # shallow VPT: the prompts go through the block too
+            tokens = tokens + self.drop_path1(prompt_out)
+            prompt.leave(tokens + self.drop_path2(self.mlp(self.norm2(tokens))))
         return x
 
-    def _release_attn(self, x: Tensor) -> Tensor:
+    def _window_attention(
+        self, windows: Tensor, mask: Tensor | None, prompts: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        if prompts is None:
+            return self.attn(windows, mask=mask), None
+        return prompted_window_attention(self.attn, windows, mask, prompts)
+
+    def _timm_attn(self, x: Tensor, prompts: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """timm's ``_attn`` (shift, then pad), with prompts."""
+        if prompts is None:
+            return self._attn(x), None
+        B, H, W, C = x.shape
+        shifted = any(self.shift_size)
+        if shifted:
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        pad_h = (self.window_size[0] - H % self.window_size[0]) % self.window_size[0]
+        pad_w = (self.window_size[1] - W % self.window_size[1]) % self.window_size[1]
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        mask = self.get_attn_mask(x) if getattr(self, "dynamic_mask", False) else self.attn_mask
+        windows = window_partition(x, self.window_size).view(-1, self.window_area, C)
+        windows, prompt_out = self._window_attention(windows, mask, prompts)
+        x = window_reverse(windows.view(-1, *self.window_size, C), self.window_size, Hp, Wp)[:, :H, :W, :]
+        if shifted:
+            x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+        return x, prompt_out
+
+    def _release_attn(self, x: Tensor, prompts: Tensor | None) -> tuple[Tensor, Tensor | None]:
         B, H, W, C = x.shape
         wh, ww = self.window_size
         pad_h, pad_w = (wh - H % wh) % wh, (ww - W % ww) % ww
@@ -69,11 +132,11 @@ class TunedSwinBlock(SwinTransformerBlock, TunedBlockMixin):
         else:
             mask = None
         windows = window_partition(x, self.window_size).view(-1, wh * ww, C)  # nW*B, N, C
-        windows = self.attn(windows, mask=mask).view(-1, wh, ww, C)
-        x = window_reverse(windows, self.window_size, Hp, Wp)  # B, Hp, Wp, C
+        windows, prompt_out = self._window_attention(windows, mask, prompts)
+        x = window_reverse(windows.view(-1, wh, ww, C), self.window_size, Hp, Wp)  # B, Hp, Wp, C
         if shifted:
             x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
-        return x[:, :H, :W, :]
+        return x[:, :H, :W, :], prompt_out
 
     def _cached_mask(self, hp: int, wp: int, x: Tensor) -> Tensor:
         key = (hp, wp, x.device, x.dtype)

@@ -1,11 +1,13 @@
-"""Where Mona goes in timm ViT-family blocks (ViT, DeiT, DINOv2, EVA).
+"""Where the methods go in timm ViT-family blocks (ViT, DeiT, DINOv2, EVA).
 
-As in Swin, one adapter after each residual add::
+As in Swin (see :mod:`monatune.models.base` for which method fills which slot)::
 
-    x = x + DropPath(LayerScale(Attention(LN1(x))))
-    x = Mona_1(x)                                   # slot "after_attn"
-    x = x + DropPath(LayerScale(MLP(LN2(x))))
-    x = Mona_2(x)                                   # slot "after_mlp"
+    x = [prefix, prompts, patches]                  # slot "prompt" (VPT; ViT only)
+    x = x + DropPath(attn_out(LayerScale(Attention(LN1(x)))))
+    x = after_attn(x)                               # Mona_1
+    x = x + DropPath(mlp_out(LayerScale(MLP(LN2(x))))) + mlp_parallel(x)
+    x = after_mlp(x)                                # Mona_2
+    x = [prefix, patches]                           # the prompts leave (and are carried on, shallow)
 
 The stream is (B, N, C) with the prefix tokens (class, distillation and register tokens)
 first and the patch tokens after them. Mona lays the patch tokens out on their grid for
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -77,20 +80,37 @@ class _TokenBlockMixin(TunedBlockMixin):
         g = self.token_grid
         return self._adapt(slot, x, hw=g.hw, num_prefix_tokens=g.num_prefix_tokens)
 
+    def _mlp_half(self, x: Tensor, branch: Tensor) -> Tensor:
+        """``x + DropPath(mlp_out(branch)) + mlp_parallel(x)``, then ``after_mlp``."""
+        parallel = self._slot("mlp_parallel")
+        y = self.drop_path2(self._adapt("mlp_out", branch))
+        x = x + y if parallel is None else x + y + parallel(x)
+        return self._adapt_tokens("after_mlp", x)
+
 
 class TunedViTBlock(Block, _TokenBlockMixin):
     """timm ``vision_transformer.Block`` with adapter slots."""
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        prompt = self._slot("prompt")
+        if prompt is not None:
+            if attn_mask is not None:
+                raise ValueError("VPT prompts cannot be combined with an attention mask")
+            P = self.token_grid.num_prefix_tokens
+            x = torch.cat([x[:, :P], prompt.enter(x.shape[0], x), x[:, P:]], dim=1)
+        y = self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+        x = x + self.drop_path1(self._adapt("attn_out", y))
         x = self._adapt_tokens("after_attn", x)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        x = self._adapt_tokens("after_mlp", x)
+        x = self._mlp_half(x, self.ls2(self.mlp(self.norm2(x))))
+        if prompt is not None:
+            n = prompt.num_tokens
+            prompt.leave(x[:, P : P + n])
+            x = torch.cat([x[:, :P], x[:, P + n :]], dim=1)
         return x
 
 
 class TunedEvaBlock(EvaBlock, _TokenBlockMixin):
-    """timm ``eva.EvaBlock`` with adapter slots."""
+    """timm ``eva.EvaBlock`` with adapter slots (no ``prompt`` slot: rotary embeddings fix the token layout)."""
 
     def forward(
         self,
@@ -100,9 +120,7 @@ class TunedEvaBlock(EvaBlock, _TokenBlockMixin):
         is_causal: bool = False,
     ) -> Tensor:
         y = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        x = x + self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
+        x = x + self.drop_path1(self._adapt("attn_out", y if self.gamma_1 is None else self.gamma_1 * y))
         x = self._adapt_tokens("after_attn", x)
         y = self.mlp(self.norm2(x))
-        x = x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
-        x = self._adapt_tokens("after_mlp", x)
-        return x
+        return self._mlp_half(x, y if self.gamma_2 is None else self.gamma_2 * y)
