@@ -324,11 +324,6 @@ class LoRAOptions(MethodOptions):
         for name, block in find_blocks(model):
             attn = block.attn
             if qkv_slices and isinstance(getattr(attn, "qkv", None), nn.Linear):
-                if getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", False):
-                    raise ValueError(
-                        f"lora: '{name}.attn' computes its qkv projection without calling `qkv` (EVA with "
-                        "separate q/v biases); build the model with qkv_bias_separate=True"
-                    )
                 qkv = attn.qkv
                 placed.append(Placement(f"{name}.attn.qkv", "lora", self._lora(qkv, 3, qkv_slices)))
             elif qkv_slices:
@@ -359,8 +354,6 @@ class SSFOptions(MethodOptions):
         for name, module in base_modules(model, head):
             if leaf_type(module) is None:
                 continue
-            if name.endswith("attn.qkv") and _qkv_bypassed(model, name):
-                continue  # EVA with separate q/v biases never calls qkv's forward
             if isinstance(module, nn.Conv2d):
                 placed.append(Placement(name, "ssf", SSF(module.out_channels, channel_dim=1)))
             elif isinstance(module, nn.Linear):
@@ -370,11 +363,6 @@ class SSFOptions(MethodOptions):
         if not placed:
             raise ValueError(f"ssf found no linear, LayerNorm or Conv2d layer in {type(model).__name__}")
         return placed
-
-
-def _qkv_bypassed(model: nn.Module, qkv_name: str) -> bool:
-    attn = model.get_submodule(qkv_name.rsplit(".", 1)[0])
-    return getattr(attn, "q_bias", None) is not None and not getattr(attn, "qkv_bias_separate", False)
 
 
 METHODS: dict[str, type[MethodOptions]] = {

@@ -78,6 +78,7 @@ class TuningState:
     pristine: dict[str, Tensor] = field(default_factory=dict)  # frozen values of weights trained in place
     stash: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # in-place values of inactive adapters
     merge_backup: dict[str, Tensor | None] = field(default_factory=dict)  # weights before a merge (None: added)
+    attrs_changed: list[tuple[str, str, Any]] = field(default_factory=list)  # (module, attribute, old value)
 
 
 def get_state(model: nn.Module) -> TuningState | None:
@@ -185,6 +186,8 @@ def apply(
     token_blocks = []
     for p in placements:
         host = model.get_submodule(p.host)
+        if p.host.endswith(".qkv"):
+            _route_bias_through_qkv(model, state, p.host.rsplit(".", 1)[0])
         rule = tuned_rule(host)
         if rule is not None:
             swap_class(host, rule)
@@ -369,6 +372,8 @@ def unapply(model: nn.Module, *, merge: bool = False) -> nn.Module:
         for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _keep_eval]:
             del module._forward_pre_hooks[key]
     model._modules.pop(POINTS_ATTR, None)
+    for module_name, attr, value in reversed(state.attrs_changed):
+        setattr(model.get_submodule(module_name), attr, value)
     if state.grid_attached:
         detach_token_grid(model)
     for pname, param in model.named_parameters():
@@ -447,6 +452,15 @@ def classifier_names(model: nn.Module) -> list[str]:
 def _keep_eval(module: nn.Module, args: Any) -> None:
     """Forward pre-hook: a frozen BatchNorm keeps its statistics even under model.train()."""
     module.training = False
+
+
+def _route_bias_through_qkv(model: nn.Module, state: TuningState, attn_name: str) -> None:
+    """EVA attention with separate q/v biases calls ``F.linear(x, qkv.weight, bias)``, never ``qkv``'s
+    forward; its ``qkv_bias_separate`` path (``qkv(x) + bias``) computes the same and runs the tuned qkv."""
+    attn = model.get_submodule(attn_name)
+    if getattr(attn, "q_bias", None) is not None and getattr(attn, "qkv_bias_separate", None) is False:
+        state.attrs_changed.append((attn_name, "qkv_bias_separate", False))
+        attn.qkv_bias_separate = True
 
 
 def _snapshot(t: Tensor) -> Tensor:
