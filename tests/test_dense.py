@@ -81,7 +81,7 @@ def test_convert_command(release_file, tmp_path, capsys):
     out = tmp_path / "out"
     tiny = ["--model", "swin_tiny_patch4_window7_224", "--model-kwargs", json.dumps(TINY_SWIN)]
     assert main(["convert", str(path), str(out), *tiny]) == 0
-    assert "wrote Mona adapter" in capsys.readouterr().out
+    assert "wrote mona adapter" in capsys.readouterr().out
     _assert_adapter_reproduces_release(reference, out, tmp_path, (1, 3, 61, 47))
     # The full-size architecture for a tiny file: refused, naming the mismatch, nothing written.
     assert main(["convert", str(path), str(tmp_path / "x"), "--model", "swin_tiny_patch4_window7_224"]) == 2

@@ -47,9 +47,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
     out = convert_release_checkpoint(
-        args.checkpoint, args.out, args.model, model_kwargs=kwargs, allow_pickle=args.allow_pickle
+        args.checkpoint, args.out, args.model, method=args.method, model_kwargs=kwargs, allow_pickle=args.allow_pickle
     )
-    print(f"wrote Mona adapter of {args.model} to {out}")
+    print(f"wrote {args.method} adapter of {args.model} to {out}")
     return 0
 
 
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_params)
 
     p = sub.add_parser("convert", help="write a checkpoint trained with the Mona release as a monatune adapter")
-    p.add_argument("checkpoint", help="the release's .pth (OpenMMLab layout, my_module_1/2)")
+    p.add_argument("checkpoint", help="the release's .pth (OpenMMLab layout: my_module_1/2, qkv.lora_A/B, ...)")
+    p.add_argument("--method", default="mona", help="method it was trained with (default: mona)")
     p.add_argument("out", help="adapter directory to write")
     p.add_argument("--model", required=True, help="timm architecture it was trained on, e.g. swin_base_patch4_window7_224")
     p.add_argument("--model-kwargs", metavar="JSON", help='extra timm.create_model arguments, e.g. \'{"depths": [2, 2, 6, 2]}\'')

@@ -253,7 +253,7 @@ def test_vit_into_swin_error_reports_the_files_own_shape(tmp_path):
 def test_forced_formats_that_do_not_match_the_file_are_explained(tmp_path):
     path = tmp_path / "plain.pth"
     torch.save(swin(0).state_dict(), path)
-    with pytest.raises(ValueError, match="no Mona tensors .* not a checkpoint trained with the Mona release; it looks like a timm file"):
+    with pytest.raises(ValueError, match="no adapter tensors .* not a checkpoint trained with the Mona release; it looks like a timm file"):
         load_pretrained(swin(1), path, format="release")
     with pytest.raises(ValueError, match="no `backbone.` tensors"):
         load_pretrained(swin(1), path, format="mmlab")

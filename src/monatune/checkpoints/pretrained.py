@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from timm.models import eva, swin_transformer, vision_transformer
 from torch import Tensor, nn
 
-from ..tuning import adapter_modules, classifier_names, get_state, model_name
+from ..tuning import adapter_modules, classifier_names, get_state, model_name, refresh_pristine
 
 __all__ = ["load_pretrained", "read_checkpoint", "read_state_dict", "LoadReport", "FORMATS", "UnsafeCheckpointError"]
 
@@ -106,7 +106,7 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
 
 def detect_format(state_dict: Mapping[str, Tensor], mmlab: bool = False) -> str:
     keys = list(state_dict)
-    if any(".my_module_" in k for k in keys):
+    if any(".my_module_" in k or k.endswith(".qkv.lora_A") for k in keys):
         return "release"
     if mmlab or any(k.startswith("backbone.") for k in keys):
         return "mmlab"
@@ -125,16 +125,33 @@ def _family_filter(model: nn.Module) -> Callable[[dict, nn.Module], dict]:
     return lambda sd, m: sd
 
 
+#: Where the release keeps each method's modules (``my_module_1`` / ``my_module_2`` in every block).
+RELEASE_SLOTS = {
+    "mona": {"1": "after_attn", "2": "after_mlp"},
+    "adapter": {"1": "attn_out", "2": "mlp_out"},
+    "adaptformer": {"1": "mlp_parallel"},
+}
+
+
 def _from_release(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     state = get_state(model)
-    if state is None or state.adapters[state.active].method != "mona":
+    method = state.adapters[state.active].method if state is not None and state.active else None
+    if method not in (*RELEASE_SLOTS, "lora"):
         raise ValueError(
-            "a checkpoint trained with the Mona release holds Mona adapters; load it into a Mona-tuned dense "
-            "backbone: monatune.build_dense_backbone(<timm name>, 'mona')"
+            "a checkpoint trained with the Mona release holds Mona, Adapter, AdaptFormer or LoRA modules; load it "
+            "into a dense backbone tuned with that method: monatune.build_dense_backbone(<timm name>, <method>)"
         )
     name = state.active
-    slot = {"1": "after_attn", "2": "after_mlp"}
-    return {re.sub(r"\.my_module_([12])\.", lambda m: f".{slot[m.group(1)]}.{name}.", k): v for k, v in state_dict.items()}
+    if method == "lora":  # loralib's MergedLinear keeps lora_A / lora_B on the qkv linear itself
+        return {re.sub(r"\.qkv\.lora_([AB])$", rf".qkv.lora.{name}.lora_\1", k): v for k, v in state_dict.items()}
+    slot = RELEASE_SLOTS[method]
+    renamed = {}
+    for k, v in state_dict.items():
+        match = re.search(r"\.my_module_(\d)\.", k)
+        if match and match.group(1) not in slot:
+            raise ValueError(f"'{k}' has no place in a backbone tuned with {method}; is the checkpoint from another method?")
+        renamed[re.sub(r"\.my_module_(\d)\.", lambda m: f".{slot[m.group(1)]}.{name}.", k)] = v
+    return renamed
 
 
 def convert_state_dict(
@@ -190,8 +207,8 @@ def load_pretrained(
     fmt = detected if format == "auto" else format
     if fmt == "release" and detected != "release":
         raise ValueError(
-            f"'{path}' has no Mona tensors (`my_module_1` / `my_module_2`), so it is not a checkpoint trained with "
-            f"the Mona release; it looks like a {detected} file (load it with format='auto')"
+            f"'{path}' has no adapter tensors (`my_module_1` / `my_module_2`, `qkv.lora_A`), so it is not a checkpoint "
+            f"trained with the Mona release; it looks like a {detected} file (load it with format='auto')"
         )
     if fmt == "mmlab" and not any(k.startswith("backbone.") for k in raw):
         raise ValueError(f"'{path}' has no `backbone.` tensors, so it is not an OpenMMLab detector/segmentor file")
@@ -237,5 +254,6 @@ def load_pretrained(
         )
     usable = {k: v for k, v in converted.items() if k in target and k not in report.skipped}
     model.load_state_dict(usable, strict=False)
+    refresh_pristine(model, list(usable))  # loaded base weights are the frozen values adapters return to
     report.loaded = sorted(usable)
     return report

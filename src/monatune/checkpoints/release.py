@@ -1,4 +1,4 @@
-"""Convert a checkpoint trained with the Mona authors' release into a monatune adapter directory."""
+"""Convert a checkpoint trained with the Mona authors' release (any of its methods) into a monatune adapter directory."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,8 @@ from typing import Any
 
 from ..dense import build_dense_backbone
 from .adapter import save_adapter
-from .pretrained import load_pretrained
+from ..tuning import adapter_modules
+from .pretrained import RELEASE_SLOTS, load_pretrained
 
 __all__ = ["convert_release_checkpoint"]
 
@@ -16,10 +17,15 @@ def convert_release_checkpoint(
     out_dir: str | Path,
     model_name: str,
     *,
+    method: str = "mona",
     model_kwargs: dict[str, Any] | None = None,
     allow_pickle: bool = False,
 ) -> Path:
-    """Write the Mona adapters of a release-trained checkpoint as a monatune adapter directory.
+    """Write the adapter of a release-trained checkpoint as a monatune adapter directory.
+
+    Mona, Adapter and AdaptFormer checkpoints hold ``my_module_1/2`` per block, LoRA ones
+    ``qkv.lora_A/B``; for the methods that train the backbone's own weights (bitfit, norm,
+    partial-1, full, fixed) the adapter is those weights.
 
     The release's checkpoint holds the whole backbone; its frozen tensors become the base
     fingerprint of the adapter, so the adapter later loads onto a backbone with the same
@@ -30,12 +36,17 @@ def convert_release_checkpoint(
         checkpoint: The release's ``.pth`` (OpenMMLab layout with ``my_module_1/2``).
         out_dir: Adapter directory to write.
         model_name: The timm architecture it was trained on, e.g. ``swin_base_patch4_window7_224``.
+        method: The method it was trained with (``mona``, ``adapter``, ``adaptformer``, ``lora``, ``bitfit``, ...).
         model_kwargs: Extra ``timm.create_model`` arguments (window size, ...).
         allow_pickle: Allow a full unpickle (runs code in the file); see ``load_pretrained``.
     """
-    backbone = build_dense_backbone(model_name, "mona", model_kwargs=model_kwargs)
-    report = load_pretrained(backbone, checkpoint, format="release", allow_pickle=allow_pickle)
-    missing = [k for k in report.missing if ".after_attn." in k or ".after_mlp." in k]
+    backbone = build_dense_backbone(model_name, method, model_kwargs=model_kwargs)
+    fmt = "release" if method in (*RELEASE_SLOTS, "lora") else "auto"
+    report = load_pretrained(backbone, checkpoint, format=fmt, allow_pickle=allow_pickle)
+    adapter_prefixes = tuple(f"{q}." for q, _, _ in adapter_modules(backbone))
+    missing = [k for k in report.missing if k.startswith(adapter_prefixes)]
     if missing:
-        raise ValueError(f"'{checkpoint}' has no Mona tensors for {missing[:5]}; is it a Mona checkpoint of {model_name}?")
+        raise ValueError(
+            f"'{checkpoint}' has no {method} tensors for {missing[:5]}; is it a {method} checkpoint of {model_name}?"
+        )
     return save_adapter(backbone, out_dir, metadata={"converted_from": str(checkpoint)})
