@@ -116,7 +116,7 @@ class NormOptions(MethodOptions):
     """Norm-tuning: every parameter of every normalisation layer."""
 
     name: ClassVar[str] = "norm"
-    paper: ClassVar[str] = "Norm-tuning (Giannou et al., ICML 2023)"
+    paper: ClassVar[str] = "norm-tuning"
     in_place: ClassVar[bool] = True
 
     def base_params(self, model: nn.Module, head: Sequence[str]) -> list[str]:
