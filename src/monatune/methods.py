@@ -282,9 +282,8 @@ class VPTOptions(MethodOptions):
                 last=i == len(blocks) - 1,
                 patch_area=area,
             )
-            stage = model.get_submodule(name.rsplit(".", 2)[0]) if name.count(".") >= 2 else None
-            downsample = getattr(stage, "downsample", None)
             if carry is not None and i > 0 and name.endswith(".0") and isinstance(block, SwinTransformerBlock):
+                downsample = getattr(model.get_submodule(name.rsplit(".", 2)[0]), "downsample", None)  # the stage's
                 if downsample is not None and not isinstance(downsample, nn.Identity):
                     prompt.__dict__["merge_layer"] = downsample
             placed.append(Placement(name, "prompt", prompt))

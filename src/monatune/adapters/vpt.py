@@ -51,8 +51,6 @@ class Prompt(nn.Module):
         patch_area: Pixels per patch, for the initialisation range.
     """
 
-    merged: bool = False
-
     def __init__(
         self,
         dim: int,

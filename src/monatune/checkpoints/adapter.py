@@ -62,14 +62,15 @@ def _saved_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
     return keys
 
 
-def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
-    """The adapter's tensors by file key; an inactive adapter's in-place weights come from where they were put aside."""
+def _adapter_tensors(model: nn.Module, adapter_name: str, keys: dict[str, str]) -> dict[str, Tensor]:
+    """The tensors of ``keys`` (from :func:`_saved_keys`) by file key; an inactive adapter's in-place
+    weights come from where they were put aside."""
     state = get_state(model)
     model_state = model.state_dict()
     aside = {}
     if state is not None and adapter_name != state.active:
-        aside = {**{k: v for k, v in state.pristine.items()}, **state.stash.get(adapter_name, {})}
-    return {f: aside.get(m, model_state[m]) for f, m in _saved_keys(model, adapter_name).items()}
+        aside = {**state.pristine, **state.stash.get(adapter_name, {})}
+    return {f: aside.get(m, model_state[m]) for f, m in keys.items()}
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, Tensor]:
@@ -80,7 +81,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
     name = adapter_name or state.active
     if name not in state.adapters:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(state.adapters)}")
-    return _adapter_tensors(model, name)
+    return _adapter_tensors(model, name, _saved_keys(model, name))
 
 
 def base_fingerprint(model: nn.Module, exclude: set[str]) -> str:
@@ -157,7 +158,7 @@ def save_adapter(
         raise ValueError(f"'{path}' exists and is not a directory; an adapter is saved as a directory")
     keys = _saved_keys(model, name)
     tensors = {}
-    for file_key, t in _adapter_tensors(model, name).items():
+    for file_key, t in _adapter_tensors(model, name, keys).items():
         t = t.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
