@@ -53,9 +53,25 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _lightning(argv: list[str]) -> int:
+    from .engine.cli import run_lightning_cli
+
+    try:
+        run_lightning_cli(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"monatune {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monatune", description="Mona-tuning of timm vision backbones.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in LIGHTNING_COMMANDS:  # listed for --help; parsed by LightningCLI (see monatune.engine.cli)
+        sub.add_parser(name, help=f"{name} a task from YAML configs (monatune {name} --help)", add_help=False)
 
     p = sub.add_parser("params", help="parameter counts of a timm backbone (dense-prediction form) under a method")
     p.add_argument("name", help="timm model name, e.g. swin_base_patch4_window7_224")
@@ -76,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return _lightning(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,31 @@
+"""Data: local data sets, their Lightning data modules, resumable loaders."""
+from .classification import (
+    DEFAULT_SPLITS,
+    FORMATS,
+    VOC_CLASSES,
+    BadAnnotationError,
+    BadImageError,
+    ClassificationDataset,
+    build_classification_dataset,
+    detect_format,
+)
+from .classification_data import ClassificationData, ImageFiles, classification_transforms
+from .loading import EpochSampler, ResumableLoader, SeededDataset, ShardSampler
+
+__all__ = [
+    "ClassificationData",
+    "ImageFiles",
+    "classification_transforms",
+    "EpochSampler",
+    "ResumableLoader",
+    "SeededDataset",
+    "ShardSampler",
+    "DEFAULT_SPLITS",
+    "FORMATS",
+    "VOC_CLASSES",
+    "BadAnnotationError",
+    "BadImageError",
+    "ClassificationDataset",
+    "build_classification_dataset",
+    "detect_format",
+]

@@ -1,0 +1,193 @@
+"""The Lightning data module of image classification: data sets, the release's transforms, loaders."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from .classification import DEFAULT_SPLITS, BadImageError, build_classification_dataset, detect_format
+from .loading import EpochSampler, ResumableLoader, SeededDataset, ShardSampler, collate_skipping, dist_info
+
+__all__ = ["ClassificationData", "ImageFiles", "IMAGENET_MEAN", "IMAGENET_STD", "classification_transforms"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def classification_transforms(
+    train: bool, image_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable:
+    """The release's pipelines: RandomResizedCrop + flip to train; resize, centre crop to test."""
+    if train:
+        head = [v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip()]
+    else:
+        head = [v2.Resize(resize_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.CenterCrop(image_size)]
+    return v2.Compose([v2.PILToTensor(), *head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class _Items(Dataset):
+    """``(image, target)`` items as the dicts the task modules read, with the file path."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        item = self.dataset[i]
+        if item is None:  # unreadable and skipped (on_bad_image="skip")
+            return None
+        image, target = item
+        return {"image": image, "target": target, "path": self.dataset.path(i)}
+
+
+class ImageFiles(Dataset):
+    """Every image file under a folder (or one file), for ``predict``; targets are -1."""
+
+    def __init__(self, root: str | Path, transform: Callable, on_bad_image: str = "error") -> None:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"'{root}' does not exist; give an image file or a folder of images")
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under '{root}'")
+        self.files, self.transform, self.on_bad_image = files, transform, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, i: int) -> str:
+        return str(self.files[i])
+
+    def __getitem__(self, i: int) -> tuple[Any, int] | None:
+        try:
+            with Image.open(self.files[i]) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            if self.on_bad_image == "skip":
+                return None
+            raise BadImageError(f"cannot read image '{self.files[i]}' ({e})") from None
+        return self.transform(image), -1
+
+
+class ClassificationData(L.LightningDataModule):
+    """Image-classification data from a local folder, loaded the way the release trains.
+
+    Layouts (``format``, detected when ``auto``): an image folder (``train/<class>/*.jpg``),
+    the release's ``meta/{train,val,test}.txt`` lists, and torchvision's Flowers102,
+    Oxford-IIIT Pet and VOC 2007 folders (nothing is downloaded).
+
+    Args:
+        root: The data set's folder.
+        format: ``auto``, ``imagefolder``, ``release``, ``flowers102``, ``pets`` or ``voc2007``.
+        classes: Class names (a list or a text file, one per line), where the layout has none.
+        multilabel: Multi-label targets and mAP (VOC 2007); otherwise single-label top-1.
+        splits: ``(train, val, test)`` split names; the layout's defaults when left out.
+        batch_size: Images per step and process.
+        num_workers: Loader worker processes.
+        image_size: Crop size.
+        resize_size: Shorter side before the centre crop at test time.
+        mean: Normalisation mean.
+        std: Normalisation std.
+        on_bad_image: ``error`` (stop, naming the file) or ``skip`` (drop it and count it).
+        predict_path: Image file or folder for ``predict`` (default: the test split).
+        seed: Seeds the shuffling and augmentation (with the epoch), for reproducible resumes.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        format: str = "auto",
+        classes: list[str] | str | None = None,
+        multilabel: bool = False,
+        splits: tuple[str, str, str] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        image_size: int = 224,
+        resize_size: int = 256,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        on_bad_image: str = "error",
+        predict_path: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got {batch_size}")
+        if not Path(root).exists():
+            raise FileNotFoundError(f"data folder '{root}' does not exist; set `data.root` to your data set's folder")
+        self.format = detect_format(root) if format == "auto" else format
+        self.root, self.multilabel, self.on_bad_image = root, multilabel, on_bad_image
+        self.splits = tuple(splits) if splits else DEFAULT_SPLITS[self.format]
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_transform = classification_transforms(True, image_size, resize_size, mean, std)
+        self.eval_transform = classification_transforms(False, image_size, resize_size, mean, std)
+        self.predict_path = predict_path
+        # read the lists now so that a wrong folder or a bad label stops the run before it starts
+        build = lambda split, tf: build_classification_dataset(  # noqa: E731
+            root, split, format=self.format, classes=classes, multilabel=multilabel, transform=tf,
+            on_bad_image=on_bad_image,
+        )
+        self.train_set = build(self.splits[0], self.train_transform)
+        self.classes = list(self.train_set.classes)
+        classes = self.classes
+        self.val_set = build(self.splits[1], self.eval_transform)
+        self.test_set = self.val_set if self.splits[2] == self.splits[1] else build(self.splits[2], self.eval_transform)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+                raise ValueError(
+                    "monatune's data modules split the data across processes themselves; "
+                    "create the Trainer with use_distributed_sampler=False"
+                )
+            return trainer.global_rank, trainer.world_size
+        return dist_info()
+
+    def _generator(self) -> torch.Generator:
+        # the loader draws its worker seed from this, not from the global RNG the model uses
+        return torch.Generator().manual_seed(self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        sampler = EpochSampler(len(self.train_set), seed=self.seed, shuffle=True, rank=rank, world_size=world)
+        return ResumableLoader(
+            SeededDataset(_Items(self.train_set)), batch_size=self.batch_size, sampler=sampler,
+            num_workers=self.num_workers, collate_fn=collate_skipping, generator=self._generator(),
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        rank, world = self._rank()
+        return DataLoader(
+            _Items(dataset), batch_size=self.batch_size, sampler=ShardSampler(len(dataset), rank=rank, world_size=world),
+            num_workers=self.num_workers, collate_fn=collate_skipping, generator=self._generator(),
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_path is None:
+            return self._eval_loader(self.test_set)
+        return self._eval_loader(ImageFiles(self.predict_path, self.eval_transform, self.on_bad_image))

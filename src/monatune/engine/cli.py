@@ -1,0 +1,110 @@
+"""``monatune fit | validate | test | predict``: LightningCLI over the task modules and data modules.
+
+LightningCLI (jsonargparse) gives what the experiments need without new code: YAML files
+composed in order (``-c task.yaml -c methods/mona.yaml``), ``--a.b value`` overrides, every
+Trainer option (devices, precision, strategy, accumulation, clipping) and the resolved
+config written next to the outputs. This module adds the run directory around it.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from .callbacks import AdapterCheckpoint, PredictionWriter, ResumeCheckpoint, RunSummary
+from .module import TunedModule
+
+__all__ = ["MonatuneCLI", "run_lightning_cli", "SUBCOMMANDS"]
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def expand_overrides(argv: Sequence[str]) -> list[str]:
+    """``model.lr=1e-4`` -> ``--model.lr=1e-4`` (the ``--a.b value`` form passes as it is)."""
+    return [f"--{a}" if _OVERRIDE.match(a) else a for a in argv]
+
+
+def _default_run_dir(config: Any) -> Path:
+    names = [Path(str(c)).stem for c in (config.get("config") or [])]
+    stem = names[0] if names else str(config["model"]["init_args"].get("backbone", "run"))
+    return Path("runs") / f"{stem}-{config['model']['init_args'].get('method', 'mona')}"
+
+
+class MonatuneCLI(LightningCLI):
+    """LightningCLI with monatune's run directory, checkpoints and results."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        import monatune.data  # noqa: F401  (registers the data modules and tasks for short class names)
+        import monatune.tasks  # noqa: F401
+
+        super().__init__(
+            TunedModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            trainer_defaults={"use_distributed_sampler": False, "log_every_n_steps": 10},
+            parser_kwargs={"prog": "monatune", "description": "Train and evaluate tuned vision backbones."},
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=Optional[str], default=None, help="run directory (default runs/<config>-<method>)")
+        parser.add_argument("--resume", type=bool, default=False, help="fit: continue the run in --run_dir from its last checkpoint")
+        parser.add_argument("--save_every_n_steps", type=int, default=100, help="fit: steps between resumable checkpoints")
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.subcommand
+        config = self.config[sub]
+        run_dir = Path(config.run_dir) if config.run_dir else _default_run_dir(config)
+        self.run_dir = run_dir
+        if sub == "fit":
+            last = run_dir / "checkpoints" / "last.ckpt"
+            if config.resume:
+                if config.ckpt_path is None:
+                    if not last.is_file():
+                        raise FileNotFoundError(f"cannot resume: '{last}' does not exist (is --run_dir right?)")
+                    config.ckpt_path = str(last)
+            elif (run_dir / "checkpoints").exists() or (run_dir / "results.json").exists():
+                raise ValueError(
+                    f"'{run_dir}' already holds a run; add --resume to continue it, or choose another --run_dir"
+                )
+            self.out_dir = run_dir
+        else:
+            self.out_dir = run_dir / sub
+            init = config.model.init_args
+            best = run_dir / "adapter-best"
+            if init.get("adapter") is None and config.get("ckpt_path") is None and best.is_dir():
+                init.adapter = str(best)  # evaluate the run's best adapter unless told otherwise
+        config.trainer.default_root_dir = str(self.out_dir)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        sub, config = self.subcommand, self.config_init[self.subcommand]
+        callbacks: list[L.Callback] = [RunSummary()]
+        if sub == "fit":
+            callbacks += [ResumeCheckpoint(config.save_every_n_steps), AdapterCheckpoint()]
+        if sub == "predict":
+            callbacks.append(PredictionWriter())
+        self.trainer_defaults["callbacks"] = callbacks
+        if config.trainer.get("logger") in (None, True):
+            kwargs["logger"] = [
+                CSVLogger(self.out_dir, name="", version=""),
+                TensorBoardLogger(self.out_dir, name="tensorboard", version="", default_hp_metric=False),
+            ]
+        warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")  # a resumed run appends to its logs
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_lightning_cli(argv: Sequence[str]) -> MonatuneCLI:
+    """Run ``monatune <subcommand> ...``; ``argv`` starts with the subcommand."""
+    return MonatuneCLI(expand_overrides(argv))

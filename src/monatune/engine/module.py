@@ -1,0 +1,224 @@
+"""The Lightning module every monatune task builds on: a tuned timm backbone and its recipe.
+
+A task (classification here; detection and segmentation build on the same base) says how
+to build its network and what its loss and metric are. The base does what the release's
+recipes share: load the pretrained file, apply the tuning method, AdamW with no weight
+decay on norms, biases and position tables (timm's parameter groups), a warm-up + cosine /
+step / poly schedule stepped every iteration (timm's schedulers), small resumable
+checkpoints, and the RNG state a mid-epoch resume needs to end with the same weights.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler
+from torch import nn
+
+from ..checkpoints import load_adapter, load_pretrained
+from ..methods import resolve_method
+from ..params import ParamReport, count_parameters
+
+__all__ = ["TunedModule", "SCHEDULES"]
+
+SCHEDULES = ("cosine", "step", "poly", "constant")
+_RNG_KEY = "monatune_rng"
+
+
+def _existing_file(path: str | None, what: str) -> str | None:
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"{what} '{path}' does not exist; check the path in your config (or leave it out)")
+    return path
+
+
+class TunedModule(L.LightningModule):
+    """Base of the monatune tasks: a timm backbone, a tuning method, an optimizer recipe.
+
+    Args:
+        backbone: timm model name, e.g. ``swin_large_patch4_window7_224``.
+        method: Tuning method (``monatune.METHODS``).
+        method_options: Options of the method, e.g. ``{"bottleneck": 32}``.
+        pretrained: Weights to start from: an official Swin ``.pth``, a timm ``.safetensors``/``.bin``.
+        model_kwargs: Extra ``timm.create_model`` arguments (e.g. ``img_size``, ``depths``).
+        drop_path_rate: Stochastic depth of the backbone.
+        adapter: An adapter directory (``monatune.save_adapter``) to start from or evaluate.
+        lr: Base learning rate (of AdamW).
+        lr_scale: Per-method multipliers of ``lr``, e.g. ``{"mona": 2.0}`` (the release's recipe
+            for Flowers and Pets).
+        weight_decay: AdamW weight decay; norms, biases and position tables get none.
+        betas: AdamW betas.
+        schedule: ``cosine``, ``step`` (``milestones`` in epochs, ×``gamma``), ``poly`` or ``constant``.
+        warmup_epochs: Linear warm-up length in epochs (fractions allowed).
+        warmup_steps: Warm-up length in iterations (overrides ``warmup_epochs`` when set).
+        warmup_lr_ratio: Warm-up starts at ``lr * warmup_lr_ratio``.
+        min_lr_ratio: Cosine and poly schedules end at ``lr * min_lr_ratio``.
+        milestones: Epochs at which the ``step`` schedule multiplies the lr by ``gamma``.
+        gamma: Factor of the ``step`` schedule.
+        poly_power: Power of the ``poly`` schedule.
+    """
+
+    strict_loading = False  # resumable checkpoints hold only what trains (see on_save_checkpoint)
+
+    def __init__(
+        self,
+        backbone: str,
+        *,
+        method: str = "mona",
+        method_options: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        drop_path_rate: float = 0.0,
+        adapter: str | None = None,
+        lr: float = 1e-4,
+        lr_scale: dict[str, float] | None = None,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        schedule: str = "cosine",
+        warmup_epochs: float = 0.0,
+        warmup_steps: int | None = None,
+        warmup_lr_ratio: float = 1e-3,
+        min_lr_ratio: float = 0.01,
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+        poly_power: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
+        if lr <= 0:
+            raise ValueError(f"`lr` must be positive, got {lr}")
+        resolve_method(method, method_options or {})  # unknown method or option: fail before any work
+        self.backbone_name = backbone
+        self.method = method
+        self.method_options = dict(method_options or {})
+        self.pretrained = _existing_file(pretrained, "pretrained weights file")
+        if adapter is not None and not Path(adapter).is_dir():
+            raise FileNotFoundError(f"adapter directory '{adapter}' does not exist")
+        self.adapter_path = adapter
+        self.model_kwargs = dict(model_kwargs or {})
+        self.drop_path_rate = drop_path_rate
+        self.lr = lr * (lr_scale or {}).get(method, 1.0)
+        self.weight_decay, self.betas = weight_decay, tuple(betas)
+        self.schedule, self.milestones, self.gamma, self.poly_power = schedule, list(milestones or []), gamma, poly_power
+        self.warmup_epochs, self.warmup_steps = warmup_epochs, warmup_steps
+        self.warmup_lr_ratio, self.min_lr_ratio = warmup_lr_ratio, min_lr_ratio
+        self.model: nn.Module | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
+        self.save_hyperparameters()
+
+    # -- building -------------------------------------------------------------------------
+    def build_network(self) -> nn.Module:
+        """Create the task's network (untuned); subclasses implement it."""
+        raise NotImplementedError
+
+    def tuned_part(self, network: nn.Module) -> nn.Module:
+        """The module the method is applied to and adapters are saved from (default: all of it)."""
+        return network
+
+    def configure_model(self) -> None:
+        """Build the network, load the pretrained file, apply the method, load an adapter (once)."""
+        if self.model is not None:
+            return
+        network = self.build_network()
+        part = self.tuned_part(network)
+        if self.pretrained:
+            load_pretrained(part, self.pretrained)
+        from ..tuning import apply  # late import: tuning imports timm model registries
+
+        apply(part, self.method, **self.method_options)
+        if self.adapter_path:
+            load_adapter(part, self.adapter_path)
+        self.model = network
+
+    @property
+    def tuned(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("the network is built in configure_model(); call it (or start a Trainer) first")
+        return self.tuned_part(self.model)
+
+    def param_report(self) -> ParamReport:
+        return count_parameters(self.tuned)
+
+    # -- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        skip = getattr(self.tuned, "no_weight_decay", lambda: set())()
+        groups = param_groups_weight_decay(self.model, self.weight_decay, no_weight_decay_list=skip)
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError(f"method {self.method!r} leaves nothing to train")
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        total, per_epoch = self._schedule_length()
+        warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_epochs * per_epoch)
+        common = dict(warmup_t=warmup, warmup_lr_init=self.lr * self.warmup_lr_ratio, t_in_epochs=False)
+        if self.schedule == "cosine":
+            scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=self.lr * self.min_lr_ratio, **common)
+        elif self.schedule == "poly":
+            scheduler = PolyLRScheduler(
+                optimizer, t_initial=total, power=self.poly_power, lr_min=self.lr * self.min_lr_ratio, **common
+            )
+        else:
+            decay = [m * per_epoch for m in self.milestones] if self.schedule == "step" else [total + 1]
+            scheduler = MultiStepLRScheduler(optimizer, decay_t=decay, decay_rate=self.gamma, **common)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_length(self) -> tuple[int, int]:
+        """(optimiser steps of the run, steps per epoch).
+
+        ``Trainer.estimated_stepping_batches`` would give this, but calling it here sets up the
+        training loader before a checkpoint's loader position is restored, so a mid-epoch resume
+        would replay the epoch from its start; the data module's loader is only measured here.
+        """
+        trainer = self.trainer
+        data = trainer.datamodule
+        if data is None:
+            total = int(trainer.estimated_stepping_batches)
+            return total, max(total // max(trainer.max_epochs or 1, 1), 1)
+        batches = len(data.train_dataloader())
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        per_epoch = max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return trainer.max_steps, per_epoch
+        return per_epoch * max(trainer.max_epochs or 1, 1), per_epoch
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        scheduler.step_update(num_updates=self.global_step)  # timm schedulers step by update count
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable tensors and buffers: the frozen backbone comes from ``pretrained``."""
+        frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["monatune"] = {"method": self.method, "backbone": self.backbone_name, "frozen_omitted": len(frozen)}
+        checkpoint[_RNG_KEY] = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("monatune", {})
+        if info and (info.get("method"), info.get("backbone")) != (self.method, self.backbone_name):
+            raise ValueError(
+                f"the checkpoint was trained with {info.get('method')} on {info.get('backbone')}, but the config "
+                f"says {self.method} on {self.backbone_name}; resume with the config the run started with"
+            )
+        missing = [
+            n for n, p in self.model.named_parameters() if p.requires_grad and f"model.{n}" not in checkpoint["state_dict"]
+        ]
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} trained tensors of this model (first: {missing[:3]}); "
+                "it belongs to another method or model"
+            )
+        self._rng_to_restore = checkpoint.get(_RNG_KEY)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # the first step after a resume continues the saved RNG
+            torch.set_rng_state(self._rng_to_restore["cpu"])
+            if self._rng_to_restore["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            self._rng_to_restore = None
