@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -60,7 +61,9 @@ class MonatuneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", type=Optional[str], default=None, help="run directory (default runs/<config>-<method>)")
-        parser.add_argument("--resume", type=bool, default=False, help="fit: continue the run in --run_dir from its last checkpoint")
+        parser.add_argument(
+            "--resume", action=ActionYesNo, default=False, help="fit: continue the run in --run_dir from its last checkpoint"
+        )
         parser.add_argument("--save_every_n_steps", type=int, default=100, help="fit: steps between resumable checkpoints")
 
     def before_instantiate_classes(self) -> None:
@@ -84,8 +87,13 @@ class MonatuneCLI(LightningCLI):
             self.out_dir = run_dir / sub
             init = config.model.init_args
             best = run_dir / "adapter-best"
-            if init.get("adapter") is None and config.get("ckpt_path") is None and best.is_dir():
-                init.adapter = str(best)  # evaluate the run's best adapter unless told otherwise
+            if init.get("adapter") is None and config.get("ckpt_path") is None:
+                if not best.is_dir():
+                    raise FileNotFoundError(
+                        f"nothing trained to {sub}: '{best}' does not exist. Give the --run_dir of a finished fit, "
+                        "or the weights: --model.init_args.adapter DIR or --ckpt_path FILE"
+                    )
+                init.adapter = str(best)  # the run's best adapter unless told otherwise
         config.trainer.default_root_dir = str(self.out_dir)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
@@ -107,4 +115,6 @@ class MonatuneCLI(LightningCLI):
 
 def run_lightning_cli(argv: Sequence[str]) -> MonatuneCLI:
     """Run ``monatune <subcommand> ...``; ``argv`` starts with the subcommand."""
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     return MonatuneCLI(expand_overrides(argv))
