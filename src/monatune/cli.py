@@ -40,6 +40,14 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_demo(args.out, methods=methods, epochs=args.epochs, cache=args.cache, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints.release import convert_release_checkpoint
 
@@ -72,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in LIGHTNING_COMMANDS:  # listed for --help; parsed by LightningCLI (see monatune.engine.cli)
         sub.add_parser(name, help=f"{name} a task from YAML configs (monatune {name} --help)", add_help=False)
+
+    p = sub.add_parser(
+        "demo", help="pretrain a small Swin (once, cached), transfer it to handwritten digits with five methods"
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--methods", default="full,fixed,lora,adapter,mona", help="comma-separated (default: all five)")
+    p.add_argument("--epochs", type=int, default=6, help="transfer epochs per method (default: 6)")
+    p.add_argument("--cache", default=None, help="where the pretrained Swin is cached (default: ~/.cache/monatune)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("params", help="parameter counts of a timm backbone (dense-prediction form) under a method")
     p.add_argument("name", help="timm model name, e.g. swin_base_patch4_window7_224")

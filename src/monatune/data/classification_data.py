@@ -22,12 +22,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".we
 
 
 def classification_transforms(
-    train: bool, image_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float]
+    train: bool,
+    image_size: int,
+    resize_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: bool = True,
 ) -> Callable:
     """The release's pipelines: RandomResizedCrop + flip to train; resize, centre crop to test."""
     if train:
-        head = [v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                v2.RandomHorizontalFlip()]
+        head = [v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC,
+                                     antialias=True)]
+        head += [v2.RandomHorizontalFlip()] if hflip else []
     else:
         head = [v2.Resize(resize_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                 v2.CenterCrop(image_size)]
@@ -99,6 +106,8 @@ class ClassificationData(L.LightningDataModule):
         resize_size: Shorter side before the centre crop at test time.
         mean: Normalisation mean.
         std: Normalisation std.
+        crop_scale: Area range of the training RandomResizedCrop.
+        hflip: Random horizontal flips in training (off for digits and text).
         on_bad_image: ``error`` (stop, naming the file) or ``skip`` (drop it and count it).
         predict_path: Image file or folder for ``predict`` (default: the test split).
         seed: Seeds the shuffling and augmentation (with the epoch), for reproducible resumes.
@@ -118,6 +127,8 @@ class ClassificationData(L.LightningDataModule):
         resize_size: int = 256,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: bool = True,
         on_bad_image: str = "error",
         predict_path: str | None = None,
         seed: int = 0,
@@ -131,19 +142,28 @@ class ClassificationData(L.LightningDataModule):
         self.root, self.multilabel, self.on_bad_image = root, multilabel, on_bad_image
         self.splits = tuple(splits) if splits else DEFAULT_SPLITS[self.format]
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.train_transform = classification_transforms(True, image_size, resize_size, mean, std)
+        self.train_transform = classification_transforms(True, image_size, resize_size, mean, std, crop_scale, hflip)
         self.eval_transform = classification_transforms(False, image_size, resize_size, mean, std)
         self.predict_path = predict_path
         # read the lists now so that a wrong folder or a bad label stops the run before it starts
-        build = lambda split, tf: build_classification_dataset(  # noqa: E731
-            root, split, format=self.format, classes=classes, multilabel=multilabel, transform=tf,
-            on_bad_image=on_bad_image,
-        )
-        self.train_set = build(self.splits[0], self.train_transform)
+        self.classes: list[str] | None = None
+        self.train_set = self._build(self.splits[0], self.train_transform, classes)
         self.classes = list(self.train_set.classes)
-        classes = self.classes
-        self.val_set = build(self.splits[1], self.eval_transform)
-        self.test_set = self.val_set if self.splits[2] == self.splits[1] else build(self.splits[2], self.eval_transform)
+        self.val_set = self._build(self.splits[1], self.eval_transform)
+        self._test_set: Dataset | None = self.val_set if self.splits[2] == self.splits[1] else None
+
+    def _build(self, split: str, transform: Callable, classes: Any = None) -> Any:  # val/test: train's classes
+        return build_classification_dataset(
+            self.root, split, format=self.format, classes=classes if classes is not None else self.classes,
+            multilabel=self.multilabel, transform=transform, on_bad_image=self.on_bad_image,
+        )
+
+    @property
+    def test_set(self) -> Any:
+        """The test split, read when first needed (a data set may have none to ``fit``)."""
+        if self._test_set is None:
+            self._test_set = self._build(self.splits[2], self.eval_transform)
+        return self._test_set
 
     @property
     def num_classes(self) -> int:

@@ -7,6 +7,7 @@ config written next to the outputs. This module adds the run directory around it
 """
 from __future__ import annotations
 
+import csv
 import re
 import warnings
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import lightning as L
 from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from .callbacks import AdapterCheckpoint, PredictionWriter, ResumeCheckpoint, RunSummary
 from .module import TunedModule
@@ -36,6 +38,17 @@ def _default_run_dir(config: Any) -> Path:
     names = [Path(str(c)).stem for c in (config.get("config") or [])]
     stem = names[0] if names else str(config["model"]["init_args"].get("backbone", "run"))
     return Path("runs") / f"{stem}-{config['model']['init_args'].get('method', 'mona')}"
+
+
+def _keep_metrics(logger: CSVLogger) -> None:
+    """Carry the rows of a resumed run's ``metrics.csv`` over: Lightning's CSV writer deletes the file when it starts."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    if rank_zero_only.rank != 0 or not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    logger.experiment.metrics[:0] = rows  # written back at once; steps redone after the checkpoint repeat
+    logger.save()
 
 
 class MonatuneCLI(LightningCLI):
@@ -104,12 +117,15 @@ class MonatuneCLI(LightningCLI):
         if sub == "predict":
             callbacks.append(PredictionWriter())
         self.trainer_defaults["callbacks"] = callbacks
+        warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")  # a resumed run appends to its logs
         if config.trainer.get("logger") in (None, True):
+            metrics = CSVLogger(self.out_dir, name="", version="")
+            if sub == "fit" and config.resume:
+                _keep_metrics(metrics)
             kwargs["logger"] = [
-                CSVLogger(self.out_dir, name="", version=""),
+                metrics,
                 TensorBoardLogger(self.out_dir, name="tensorboard", version="", default_hp_metric=False),
             ]
-        warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")  # a resumed run appends to its logs
         return super().instantiate_trainer(**kwargs)
 
 

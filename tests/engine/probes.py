@@ -1,0 +1,59 @@
+"""Callbacks the engine tests add to a run with ``-c`` (importable once tests/engine is on PYTHONPATH)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL this process before training step ``step``, as a crash or a pre-empted job would end."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trainable_digest(module: Any) -> str:
+    """sha256 of every trainable parameter's name and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class RankReport(L.Callback):
+    """Writes ``<out_dir>/rank<N>.json`` at the end of fit: weights digest, images validated, val metrics."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.val_images = 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.val_images = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        self.val_images += len(batch["image"])
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        report = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "digest": trainable_digest(pl_module),
+            "val_images": self.val_images,
+            "val_acc": float(trainer.callback_metrics["val/acc"]),
+            "val_loss": float(trainer.callback_metrics["val/loss"]),
+        }
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
