@@ -272,7 +272,10 @@ def caption(row: dict[str, Any], width: int = 320):  # noqa: ANN201
 
     with Image.open(row["path"]) as im:
         image = im.convert("RGB")
-    image.thumbnail((width, width))
+    scale = width / max(image.size)
+    if scale < 1 or max(image.size) < 160:  # shrink large images, enlarge tiny ones (digits, icons)
+        image = image.resize((max(round(image.width * scale), 1), max(round(image.height * scale), 1)),
+                             Image.BICUBIC if scale < 1 else Image.NEAREST)
     lines = [f"{t['name']}: {t['score']:.3f}" for t in row["top"][:3]]
     out = Image.new("RGB", (max(image.width, 200), image.height + 14 * len(lines) + 6), "white")
     out.paste(image, (0, 0))

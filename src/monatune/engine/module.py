@@ -154,6 +154,8 @@ class TunedModule(L.LightningModule):
         total, per_epoch = self._schedule_length()
         warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_epochs * per_epoch)
         common = dict(warmup_t=warmup, warmup_lr_init=self.lr * self.warmup_lr_ratio, t_in_epochs=False)
+        # as in mmcv (the release): the decay curve spans the whole run, warm-up included, and
+        # warm-up ramps linearly from lr * warmup_lr_ratio
         if self.schedule == "cosine":
             scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=self.lr * self.min_lr_ratio, **common)
         elif self.schedule == "poly":
@@ -161,7 +163,8 @@ class TunedModule(L.LightningModule):
                 optimizer, t_initial=total, power=self.poly_power, lr_min=self.lr * self.min_lr_ratio, **common
             )
         else:
-            decay = [m * per_epoch for m in self.milestones] if self.schedule == "step" else [total + 1]
+            # timm decays once num_updates + 1 reaches a boundary; +1 makes update m * per_epoch the first decayed
+            decay = [m * per_epoch + 1 for m in self.milestones] if self.schedule == "step" else [total + 2]
             scheduler = MultiStepLRScheduler(optimizer, decay_t=decay, decay_rate=self.gamma, **common)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
