@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_SWIN, tiny_swin, tiny_vit
+from tiny_models import TINY_SWIN, tiny_swin, tiny_vit
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_SWIN
+from tiny_models import TINY_SWIN
 from release_reference import ReleaseSwinMona, randomize_, release_state_dict
 
 import monatune

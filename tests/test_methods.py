@@ -5,7 +5,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import TINY_SWIN, tiny_swin, tiny_vit
+from tiny_models import TINY_SWIN, tiny_swin, tiny_vit
 from torch import nn
 
 import monatune

@@ -4,7 +4,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import tiny_swin, tiny_vit
+from tiny_models import tiny_swin, tiny_vit
 from torch import nn
 
 import monatune

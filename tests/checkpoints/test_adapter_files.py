@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_swin, tiny_vit
+from tiny_models import tiny_swin, tiny_vit
 from safetensors.torch import load_file
 
 import monatune

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_SWIN
+from tiny_models import TINY_SWIN
 
 import monatune
 from monatune import build_dense_backbone, convert_release_checkpoint

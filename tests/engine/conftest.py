@@ -16,10 +16,11 @@ def color_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def configs(tmp_path_factory, color_data) -> SimpleNamespace:
     folder = tmp_path_factory.mktemp("configs")
+    method = lambda name, options: {"model": {"init_args": {"method": name, "method_options": options}}}  # noqa: E731
     return SimpleNamespace(
         base=write_yaml(folder / "base.yaml", base_config(color_data)),
-        mona=write_yaml(folder / "mona.yaml", {"model": {"init_args": {"method": "mona", "method_options": MONA_OPTIONS}}}),
-        lora=write_yaml(folder / "lora.yaml", {"model": {"init_args": {"method": "lora", "method_options": {"rank": 4}}}}),
+        mona=write_yaml(folder / "mona.yaml", method("mona", MONA_OPTIONS)),
+        lora=write_yaml(folder / "lora.yaml", method("lora", {"rank": 4})),
     )
 
 

@@ -65,19 +65,30 @@ def base_config(data_root: Path, max_epochs: int = EPOCHS) -> dict:
         },
         "data": {
             "class_path": "monatune.data.ClassificationData",
-            "init_args": {"root": str(data_root), "batch_size": 8, "num_workers": 0, "image_size": 32, "resize_size": 36},
+            "init_args": {
+                "root": str(data_root), "batch_size": 8, "num_workers": 0, "image_size": 32, "resize_size": 36,
+            },
         },
     }  # fmt: skip
 
 
 def run_main(*argv: object) -> int:
-    """``monatune <argv>`` in this process; returns the exit code."""
-    return main([str(a) for a in argv])
+    """``monatune <argv>`` in this process, with one torch thread; returns the exit code.
+
+    One thread as in the subprocesses (``subprocess_env``): the same arithmetic in both, and no
+    slowdown from threads waiting on each other when the machine's cores are busy.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def subprocess_env() -> dict[str, str]:
-    """This environment with tests/engine importable (for ``probes``)."""
-    env = dict(os.environ)
+    """This environment with tests/engine importable (for ``probes``) and one torch thread per process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ENGINE_TESTS), *filter(None, [env.get("PYTHONPATH")])])
     return env
 

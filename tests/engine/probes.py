@@ -42,14 +42,16 @@ class RankReport(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.val_images = 0
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_validation_batch_end(  # noqa: ANN001
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         self.val_images += len(batch["image"])
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         report = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
-            "digest": trainable_digest(pl_module),
+            "digest": trainable_digest(pl_module.tuned),  # names as in a plain timm model
             "val_images": self.val_images,
             "val_acc": float(trainer.callback_metrics["val/acc"]),
             "val_loss": float(trainer.callback_metrics["val/loss"]),

@@ -147,14 +147,17 @@ class ClassificationData(L.LightningDataModule):
         self.predict_path = predict_path
         # read the lists now so that a wrong folder or a bad label stops the run before it starts
         self.classes: list[str] | None = None
+        self._given_classes = classes
         self.train_set = self._build(self.splits[0], self.train_transform, classes)
         self.classes = list(self.train_set.classes)
         self.val_set = self._build(self.splits[1], self.eval_transform)
         self._test_set: Dataset | None = self.val_set if self.splits[2] == self.splits[1] else None
 
-    def _build(self, split: str, transform: Callable, classes: Any = None) -> Any:  # val/test: train's classes
+    def _build(self, split: str, transform: Callable, classes: Any = None) -> Any:
+        if classes is None:  # val/test: train's class list where a split's own listing could differ
+            classes = self.classes if self.format in ("imagefolder", "pets") else self._given_classes
         return build_classification_dataset(
-            self.root, split, format=self.format, classes=classes if classes is not None else self.classes,
+            self.root, split, format=self.format, classes=classes,
             multilabel=self.multilabel, transform=transform, on_bad_image=self.on_bad_image,
         )
 

@@ -41,7 +41,7 @@ def _default_run_dir(config: Any) -> Path:
 
 
 def _keep_metrics(logger: CSVLogger) -> None:
-    """Carry the rows of a resumed run's ``metrics.csv`` over: Lightning's CSV writer deletes the file when it starts."""
+    """Keep the rows of a resumed run's ``metrics.csv``: Lightning's CSV writer deletes the file when it starts."""
     path = Path(logger.log_dir) / "metrics.csv"
     if rank_zero_only.rank != 0 or not path.is_file():
         return
@@ -108,6 +108,19 @@ class MonatuneCLI(LightningCLI):
                     )
                 init.adapter = str(best)  # the run's best adapter unless told otherwise
         config.trainer.default_root_dir = str(self.out_dir)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            # jsonargparse lists what the model's or data's __init__ raised among the "Union subtypes" it
+            # tried, under the whole config; the user needs that error alone (e.g. "data folder 'x' does not exist")
+            cause = e.__cause__
+            if str(e).startswith("Does not validate against any of the Union subtypes") and isinstance(
+                cause, (ValueError, FileNotFoundError)
+            ):
+                raise cause from None
+            raise
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         sub, config = self.subcommand, self.config_init[self.subcommand]
