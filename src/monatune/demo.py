@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,7 @@ def run_demo(
     *,
     methods: Sequence[str] = tuple(DEMO_METHODS),
     epochs: int = 6,
-    pretrain_epochs: int = 4,
+    pretrain_epochs: int = 10,
     shapes_per_class: int = 500,
     lr: float = 2e-3,
     cache: str | Path | None = None,
@@ -209,6 +210,13 @@ def run_demo(
     Writes ``demo.json``, ``demo.md`` and ``demo.png`` into ``out``, and each method's run
     directory (metrics, adapters, results.json) under ``out/<method>``.
     """
+    import logging
+
+    import lightning  # noqa: F401  (it sets its loggers' levels on import)
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")  # Lightning's own
+    for name in ("lightning.pytorch", "lightning.fabric"):  # no device banners between the demo's lines
+        logging.getLogger(name).setLevel(logging.WARNING)
     unknown = [m for m in methods if m not in DEMO_METHODS]
     if unknown:
         raise ValueError(f"the demo runs {list(DEMO_METHODS)}; unknown: {unknown}")
