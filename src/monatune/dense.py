@@ -108,7 +108,7 @@ def build_dense_backbone(
         name: A timm model name (``swin_base_patch4_window7_224``, ``vit_base_patch16_224``, ...).
         method: A tuning method to apply (``"mona"``), or None for the plain backbone.
         out_indices: For ViTs, the blocks whose outputs are returned (default: four evenly
-            spaced, ending with the last).
+            spaced, ending with the last; ``[-1]``: the last only).
         model_kwargs: Extra arguments for ``timm.create_model`` (e.g. ``embed_dim``,
             ``depths`` for a small model, ``drop_path_rate``).
         **options: The method's options.
@@ -152,7 +152,10 @@ def build_dense_backbone(
             )
         swap_class(model, dense_cls)
         depth = len(model.blocks)
-        indices = list(out_indices) if out_indices is not None else sorted({max(0, (depth * k) // 4 - 1) for k in (1, 2, 3, 4)})
+        if out_indices is not None:  # negative indices count from the last block
+            indices = [i + depth if -depth <= i < 0 else i for i in out_indices]
+        else:
+            indices = sorted({max(0, (depth * k) // 4 - 1) for k in (1, 2, 3, 4)})
         if any(not 0 <= i < depth for i in indices):
             raise ValueError(f"`out_indices` must be block indices in [0, {depth}), got {indices}")
         model.norm = nn.Identity()
