@@ -25,7 +25,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
+from safetensors.torch import save_file
+
 from ..checkpoints import save_adapter
+from .module import TASK_HEAD_FILE, task_head_state
 
 __all__ = ["ResumeCheckpoint", "AdapterCheckpoint", "RunSummary", "PredictionWriter", "peak_memory_bytes"]
 
@@ -78,6 +81,9 @@ class AdapterCheckpoint(Callback):
         shutil.rmtree(tmp, ignore_errors=True)
         meta = {"epoch": trainer.current_epoch, "step": trainer.global_step, pl_module.monitor: metric}
         save_adapter(pl_module.tuned, tmp, metadata=meta)
+        head = task_head_state(pl_module.model, pl_module.tuned)
+        if head:  # a detector's neck and heads, which live outside the tuned backbone
+            save_file(head, str(tmp / TASK_HEAD_FILE))
         shutil.rmtree(final, ignore_errors=True)  # the new one is complete before the old goes
         os.replace(tmp, final)
 
@@ -129,7 +135,7 @@ class RunSummary(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._sync(pl_module)
         self.step_seconds.append(time.perf_counter() - self._t0)
-        self.images += len(batch["image"]) if "image" in batch else 0
+        self.images += len(batch.get("image", batch.get("images", [])))
         self.skipped += int(batch.get("skipped", 0))
 
     def _on_eval_batch(self, batch: Any) -> None:

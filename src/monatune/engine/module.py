@@ -35,6 +35,39 @@ def _existing_file(path: str | None, what: str) -> str | None:
     return path
 
 
+TASK_HEAD_FILE = "task_head.safetensors"
+
+
+def task_head_state(network: nn.Module, part: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors of ``network`` outside its tuned part (a detector's neck and heads)."""
+    inside = {id(p) for p in part.parameters()}
+    return {n: p.detach().cpu().contiguous() for n, p in network.named_parameters() if p.requires_grad and id(p) not in inside}
+
+
+def load_task_head(network: nn.Module, part: nn.Module, adapter_dir: str | Path) -> None:
+    """Load ``task_head.safetensors`` of an adapter directory (if the task has one) into ``network``."""
+    from safetensors.torch import load_file
+
+    expected = task_head_state(network, part)
+    path = Path(adapter_dir) / TASK_HEAD_FILE
+    if not expected:
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"'{adapter_dir}' has no {TASK_HEAD_FILE}: it holds the backbone's adapter but not this task's heads")
+    tensors = load_file(str(path))
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"'{path}' does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}, misshapen {wrong[:3]} "
+            "(another detector, neck or class count?)"
+        )
+    params = dict(network.named_parameters())
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v)
+
+
 class TunedModule(L.LightningModule):
     """Base of the monatune tasks: a timm backbone, a tuning method, an optimizer recipe.
 
@@ -132,6 +165,7 @@ class TunedModule(L.LightningModule):
         apply(part, self.method, **self.method_options)
         if self.adapter_path:
             load_adapter(part, self.adapter_path)
+            load_task_head(network, part, self.adapter_path)
         self.model = network
 
     @property
@@ -145,7 +179,8 @@ class TunedModule(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        skip = getattr(self.tuned, "no_weight_decay", lambda: set())()
+        prefix = next(f"{n}." for n, m in self.model.named_modules() if m is self.tuned).lstrip(".")
+        skip = {prefix + name for name in getattr(self.tuned, "no_weight_decay", lambda: set())()}
         groups = param_groups_weight_decay(self.model, self.weight_decay, no_weight_decay_list=skip)
         groups = [g for g in groups if g["params"]]
         if not groups:
