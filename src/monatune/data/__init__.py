@@ -10,9 +10,23 @@ from .classification import (
     detect_format,
 )
 from .classification_data import ClassificationData, ImageFiles, classification_transforms
+from .detection import (
+    ON_BAD_ANNOTATION,
+    DetectionDataset,
+    collate_detection,
+    detection_transforms,
+    read_coco,
+    read_voc,
+)
 from .loading import EpochSampler, ResumableLoader, SeededDataset, ShardSampler
 
 __all__ = [
+    "DetectionDataset",
+    "read_coco",
+    "read_voc",
+    "detection_transforms",
+    "collate_detection",
+    "ON_BAD_ANNOTATION",
     "ClassificationData",
     "ImageFiles",
     "classification_transforms",
