@@ -63,6 +63,25 @@ _SKIP_HINT = "or set data.on_bad_image=skip to skip unreadable images"
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
+def open_image(path: str, on_bad_image: str, size: tuple[int, int] | None = None) -> Image.Image | None:
+    """The RGB image at ``path``; None for an unreadable one when ``on_bad_image="skip"``.
+
+    ``size`` (width, height), when given, is what the annotations say; another size counts as unreadable.
+    Otherwise an unreadable image raises :class:`BadImageError` naming the file.
+    """
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")  # decodes the whole file, so truncation fails here
+        if size is not None and image.size != size:
+            raise ValueError(f"it is {image.width}x{image.height} but its annotations say {size[0]}x{size[1]}")
+    except _IMAGE_ERRORS as e:
+        if on_bad_image == "skip":
+            return None
+        reason = f"{type(e).__name__}: {e}"
+        raise BadImageError(f"cannot read image '{path}' ({reason}); fix or remove it, {_SKIP_HINT}") from e
+    return image
+
+
 class BadImageError(ValueError):
     """An image file is missing or cannot be decoded."""
 
@@ -130,16 +149,10 @@ class ClassificationDataset(Dataset):
         return self._paths[i]
 
     def __getitem__(self, i: int) -> tuple[Any, int | Tensor] | None:
-        path = self._paths[i]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")  # decodes the whole file, so truncation fails here
-        except _IMAGE_ERRORS as e:
-            if self.on_bad_image == "skip":
-                self.skipped += 1
-                return None
-            reason = f"{type(e).__name__}: {e}"
-            raise BadImageError(f"cannot read image '{path}' ({reason}); fix or remove it, {_SKIP_HINT}") from e
+        image = open_image(self._paths[i], self.on_bad_image)
+        if image is None:
+            self.skipped += 1
+            return None
         if self.transform is not None:
             image = self.transform(image)
         return image, (self.targets[i].clone() if self.multilabel else self.targets[i])

@@ -7,11 +7,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .classification import DEFAULT_SPLITS, BadImageError, build_classification_dataset, detect_format
+from .classification import DEFAULT_SPLITS, build_classification_dataset, detect_format, open_image
 from .loading import EpochSampler, ResumableLoader, SeededDataset, ShardSampler, collate_skipping, dist_info
 
 __all__ = ["ClassificationData", "ImageFiles", "IMAGENET_MEAN", "IMAGENET_STD", "classification_transforms"]
@@ -77,14 +76,8 @@ class ImageFiles(Dataset):
         return str(self.files[i])
 
     def __getitem__(self, i: int) -> tuple[Any, int] | None:
-        try:
-            with Image.open(self.files[i]) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            if self.on_bad_image == "skip":
-                return None
-            raise BadImageError(f"cannot read image '{self.files[i]}' ({e})") from None
-        return self.transform(image), -1
+        image = open_image(str(self.files[i]), self.on_bad_image)
+        return None if image is None else (self.transform(image), -1)
 
 
 class ClassificationData(L.LightningDataModule):

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -34,8 +33,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from .classification import (
-    _IMAGE_ERRORS,
     _SKIP_HINT,
+    open_image,
     VOC_CLASSES,
     BadAnnotationError,
     BadImageError,
@@ -135,17 +134,10 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, dict[str, Any]] | None:
         path, (h, w) = self._paths[i], self._sizes[i]
-        try:
-            with Image.open(path) as im:
-                pil = im.convert("RGB")  # decodes the whole file, so truncation fails here
-            if pil.size != (w, h):
-                raise ValueError(f"it is {pil.width}x{pil.height} but its annotations say {w}x{h}")
-        except _IMAGE_ERRORS as e:
-            if self.on_bad_image == "skip":
-                self.skipped += 1
-                return None
-            reason = f"{type(e).__name__}: {e}"
-            raise BadImageError(f"cannot read image '{path}' ({reason}); fix or remove it, {_SKIP_HINT}") from e
+        pil = open_image(path, self.on_bad_image, size=(w, h))
+        if pil is None:
+            self.skipped += 1
+            return None
         image = tv_tensors.Image(F.pil_to_tensor(pil))
         target = self._target(i, h, w)
         if self.transforms is not None:
