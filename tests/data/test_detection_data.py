@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from monatune.data.classification import VOC_CLASSES, BadAnnotationError, BadImageError
 from monatune.data.detection import (
     DetectionDataset,
+    RandomSizeCrop,
     collate_detection,
     detection_transforms,
     read_coco,
@@ -247,7 +248,7 @@ def test_flip_moves_boxes_and_masks_together(coco):
 
 def test_sanitize_drops_emptied_boxes_with_everything_per_instance(coco):
     # a 16x16 centre crop (rows 16..32, cols 24..40) keeps only the 400-pixel square, as 16..40 -> 0..16 wide
-    crop = v2.Compose([v2.CenterCrop(16), detection_transforms(False, kind="voc")])
+    crop = v2.Compose([v2.CenterCrop(16), detection_transforms(True, kind="voc", hflip=False)])
     image, t = read_quietly(*coco, transforms=crop)[0]
     assert image.dtype == torch.float32 and image.shape == (3, 600, 600) and 0 <= image.min() <= image.max() <= 1
     assert t["labels"].tolist() == [2] and t["iscrowd"].tolist() == [0] and t["area"].tolist() == [400]
@@ -257,21 +258,21 @@ def test_sanitize_drops_emptied_boxes_with_everything_per_instance(coco):
 
 @pytest.mark.parametrize(
     "kind, train, hw, expected",
-    [("coco", False, (48, 64), (800, 1066)), ("coco", False, (100, 400), (333, 1333)),
-     ("voc", False, (48, 64), (600, 800)), ("voc", True, (100, 400), (250, 1000))],
+    [("coco", False, (48, 64), (48, 64)), ("voc", False, (100, 400), (100, 400)),  # the detector resizes these
+     ("voc", True, (48, 64), (600, 800)), ("voc", True, (100, 400), (250, 1000))],
 )  # fmt: skip
 def test_detection_transforms_resize(kind, train, hw, expected):
     image = tv_tensors.Image(torch.full((3, *hw), 255, dtype=torch.uint8))
     target = {"boxes": tv_tensors.BoundingBoxes([[0, 0, hw[1], hw[0]]], format="XYXY", canvas_size=hw),
               "labels": torch.tensor([1])}
-    out, t = detection_transforms(train, kind=kind)(image, target)
+    out, t = detection_transforms(train, kind=kind, hflip=False)(image, target)
     assert out.shape[-2:] == expected and out.dtype == torch.float32 and out.max() == 1.0
     assert t["boxes"].tolist() == [[0, 0, expected[1], expected[0]]]
 
 
 def test_coco_training_resize_is_multi_scale():
     torch.manual_seed(0)
-    transform = detection_transforms(True, kind="coco")
+    transform = detection_transforms(True, kind="coco", crop=False)
     shorter = set()
     boxes = tv_tensors.BoundingBoxes([[0, 0, 32, 48]], format="XYXY", canvas_size=(48, 64))
     for _ in range(60):
@@ -284,6 +285,41 @@ def test_coco_training_resize_is_multi_scale():
     assert isinstance(pickle.loads(pickle.dumps(transform)), v2.Compose)  # data-loader workers can receive it
     with pytest.raises(ValueError, match="kind must be 'coco' or 'voc', got 'lvis'"):
         detection_transforms(True, kind="lvis")
+
+
+def test_coco_crop_policy_moves_boxes_and_masks_together():
+    """Half the draws take the release's second policy: resize to 400-600, a 384-600 crop, resize to 480-800."""
+    torch.manual_seed(0)
+    transform = detection_transforms(True, kind="coco")
+    mask = torch.zeros(1, 48, 64, dtype=torch.uint8)
+    mask[0, 10:30, 20:50] = 1
+    ratios, kept = set(), 0
+    for _ in range(60):
+        target = {"boxes": tv_tensors.BoundingBoxes([[20.0, 10, 50, 30]], format="XYXY", canvas_size=(48, 64)),
+                  "labels": torch.tensor([1]), "masks": tv_tensors.Mask(mask)}
+        out, t = transform(tv_tensors.Image(torch.zeros(3, 48, 64, dtype=torch.uint8)), target)
+        h, w = out.shape[-2:]
+        assert {min(h, w), min(h, w) + 1} & set(range(480, 801, 32)) and max(h, w) <= 1333  # +1: int() rounding
+        ratios.add(round(w / h, 2))
+        assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"])
+        if len(t["boxes"]):  # the mask's extent is the box, wherever the crop fell
+            kept += 1
+            ys, xs = torch.nonzero(t["masks"][0], as_tuple=True)
+            extent = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+            assert t["boxes"][0].tolist() == pytest.approx(extent, abs=max(h, w) / 64)  # masks resize by nearest
+    assert 1.33 in ratios and len(ratios) > 3 and kept > 30  # uncropped draws keep 64/48; crops change the ratio
+
+
+def test_random_size_crop_bounds():
+    torch.manual_seed(0)
+    crop = RandomSizeCrop(384, 600)
+    for hw in ((800, 1000), (500, 450), (300, 1200)):
+        for _ in range(20):
+            out = crop(tv_tensors.Image(torch.zeros(3, *hw, dtype=torch.uint8)))
+            h, w = out.shape[-2:]
+            assert min(384, hw[0]) <= h <= min(600, hw[0]) and min(384, hw[1]) <= w <= min(600, hw[1])
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        RandomSizeCrop(600, 384)
 
 
 def test_collate_drops_skipped_and_moves_paths(coco):
@@ -376,7 +412,7 @@ def test_voc_07_plus_12_and_roots(voc):
 
 
 def test_voc_difficult_follows_sanitize(voc):
-    crop = v2.Compose([v2.CenterCrop((8, 8)), detection_transforms(False, kind="voc")])
+    crop = v2.Compose([v2.CenterCrop((8, 8)), detection_transforms(True, kind="voc")])
     with pytest.warns(UserWarning):
         _, t = read_voc(voc, "trainval", transforms=crop)[0]
     assert t["difficult"].tolist() == [True] and t["labels"].tolist() == [VOC_CLASSES.index("person") + 1]

@@ -18,9 +18,12 @@ from .detection import (
     read_coco,
     read_voc,
 )
+from .detection_data import DEFAULT_DETECTION_SPLITS, DetectionData
 from .loading import EpochSampler, ResumableLoader, SeededDataset, ShardSampler
 
 __all__ = [
+    "DetectionData",
+    "DEFAULT_DETECTION_SPLITS",
     "DetectionDataset",
     "read_coco",
     "read_voc",

@@ -48,6 +48,7 @@ __all__ = [
     "read_voc",
     "detection_transforms",
     "collate_detection",
+    "RandomSizeCrop",
 ]
 
 ON_BAD_ANNOTATION = ("drop", "error")
@@ -510,33 +511,84 @@ def _per_instance(inputs: Any) -> tuple[Tensor, ...]:
     return tuple(target[k] for k in _PER_INSTANCE if isinstance(target.get(k), Tensor))
 
 
-def detection_transforms(train: bool, *, kind: str) -> Callable:
+COCO_TRAIN_SCALES = tuple(range(480, 801, 32))
+COCO_CROP_SCALES = (400, 500, 600)
+COCO_CROP_RANGE = (384, 600)
+
+
+class RandomSizeCrop(v2.Transform):
+    """A random crop whose height and width are drawn from ``[low, min(high, side)]`` (mmdetection's
+    ``RandomCrop(crop_type="absolute_range")``), at a random position; boxes are clipped to it."""
+
+    def __init__(self, low: int, high: int) -> None:
+        super().__init__()
+        if not 0 < low <= high:
+            raise ValueError(f"crop range must be 0 < low <= high, got ({low}, {high})")
+        self.low, self.high = int(low), int(high)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.query_size(flat_inputs)
+        ch = int(torch.randint(min(self.low, h), min(self.high, h) + 1, ()))
+        cw = int(torch.randint(min(self.low, w), min(self.high, w) + 1, ()))
+        top = int(torch.randint(0, h - ch + 1, ()))
+        left = int(torch.randint(0, w - cw + 1, ()))
+        return {"top": top, "left": left, "height": ch, "width": cw}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.crop, inpt, **params)
+
+
+def detection_transforms(
+    train: bool,
+    *,
+    kind: str,
+    scales: Sequence[int] | None = None,
+    max_size: int | None = None,
+    crop: bool | None = None,
+    crop_scales: Sequence[int] = COCO_CROP_SCALES,
+    crop_range: tuple[int, int] = COCO_CROP_RANGE,
+    hflip: bool = True,
+) -> Callable:
     """The release's detection pipelines as ``torchvision.transforms.v2`` (image and target together).
 
-    ``kind="coco"``: train flips and resizes the shorter side to one of 480, 512, ..., 800 with the
-    longer side at most 1333; test resizes to 800 / 1333. The release's other training policy
-    (resize, random crop of 384..600 pixels, resize again) is left out: torchvision has no such crop.
-    ``kind="voc"``: resize to fit 1000 x 600 keeping the ratio (shorter side 600, longer at most 1000),
-    plus a flip when training. Then boxes made empty are removed with their labels, masks, ``iscrowd``,
+    Training, ``kind="coco"`` (the Swin detection configs): a flip, then one of two policies at
+    random: resize the shorter side to one of ``scales`` (480, 512, ..., 800) with the longer side
+    at most ``max_size`` (1333); or resize to one of ``crop_scales`` (400, 500, 600), crop a random
+    region of ``crop_range`` (384..600) pixels a side, and resize that to one of ``scales``.
+    ``kind="voc"``: a flip and a resize to fit 1000 x 600 keeping the ratio (``scales=(600,)``,
+    ``max_size=1000``). Boxes made empty are then removed with their labels, masks, ``iscrowd``,
     ``area`` and ``difficult`` (``SanitizeBoundingBoxes``), and the image becomes float32 in [0, 1].
 
-    Images are not normalised: torchvision detectors normalise inside ``GeneralizedRCNNTransform``.
-    Those also resize; monatune's detector builders set the detector's ``min_size`` / ``max_size``
-    so that images resized here are not resized again.
+    Evaluation keeps the image's size: the detector resizes it (its ``min_size`` / ``max_size``,
+    which :class:`~monatune.data.DetectionData` sets from its ``test_scale``) and maps its boxes
+    back, so that predictions and metrics are in the original image's pixels, as COCO's area
+    ranges need. Images are not normalised here either: torchvision detectors normalise inside
+    ``GeneralizedRCNNTransform``, and skip its resize in training (the data resized already).
 
     Args:
         train: the training pipeline (random) rather than the evaluation one.
-        kind: ``"coco"`` or ``"voc"``.
+        kind: ``"coco"`` or ``"voc"``: which defaults.
+        scales: shorter sides to resize to in training.
+        max_size: the longest side allowed in training.
+        crop: whether the COCO crop policy is one of the choices (default: for COCO).
+        crop_scales: shorter sides before the crop.
+        crop_range: the crop's smallest and largest side.
+        hflip: random horizontal flips in training.
     """
-    if kind == "coco":
-        resize = v2.RandomShortestSize(list(range(480, 801, 32)), max_size=1333) if train else v2.Resize(
-            800, max_size=1333)
-    elif kind == "voc":
-        resize = v2.Resize(600, max_size=1000)
-    else:
+    if kind not in ("coco", "voc"):
         raise ValueError(f"kind must be 'coco' or 'voc', got {kind!r}")
-    steps = [v2.RandomHorizontalFlip(0.5)] if train else []
-    steps += [resize, v2.SanitizeBoundingBoxes(labels_getter=_per_instance), v2.ToDtype(torch.float32, scale=True)]
+    steps: list[Any] = []
+    if train:
+        coco = kind == "coco"
+        scales = list(scales or (COCO_TRAIN_SCALES if coco else (600,)))
+        max_size = max_size or (1333 if coco else 1000)
+        resize = v2.RandomShortestSize(scales, max_size=max_size)
+        if crop if crop is not None else coco:
+            cropped = v2.Compose([v2.RandomShortestSize(list(crop_scales), max_size=max_size),
+                                  RandomSizeCrop(*crop_range), v2.RandomShortestSize(scales, max_size=max_size)])
+            resize = v2.RandomChoice([resize, cropped])
+        steps = ([v2.RandomHorizontalFlip(0.5)] if hflip else []) + [resize]
+    steps += [v2.SanitizeBoundingBoxes(labels_getter=_per_instance), v2.ToDtype(torch.float32, scale=True)]
     return v2.Compose(steps)
 
 

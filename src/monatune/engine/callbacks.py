@@ -248,7 +248,11 @@ def plot_curves(run_dir: Path, monitor: str) -> Path | None:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """``predictions.json`` with every image's top classes, and a captioned copy of each image."""
+    """``predictions.json`` with every image's predictions, and a picture of each (PNG).
+
+    The task's ``predict_step`` gives one JSON-ready dict per image with its ``path``; the task's
+    ``draw_prediction(row)`` draws it (default: the image captioned with its top classes).
+    """
 
     def __init__(self, max_pictures: int = 200) -> None:
         super().__init__(write_interval="epoch")
@@ -268,8 +272,9 @@ class PredictionWriter(BasePredictionWriter):
         _write_json(root / "predictions.json", rows)
         pictures = root / "pictures"
         pictures.mkdir(exist_ok=True)
+        draw = getattr(pl_module, "draw_prediction", caption)  # a task can draw its own (boxes, masks)
         for i, row in enumerate(rows[: self.max_pictures]):
-            caption(row).save(pictures / f"{i:05d}_{Path(row['path']).stem}.png")
+            draw(row).save(pictures / f"{i:05d}_{Path(row['path']).stem}.png")
 
 
 def caption(row: dict[str, Any], width: int = 320):  # noqa: ANN201

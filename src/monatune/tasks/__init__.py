@@ -1,4 +1,5 @@
 """Tasks: what a tuned backbone is trained to do (heads, losses, metrics)."""
 from .classification import ImageClassifier
+from .detection import ObjectDetector
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "ObjectDetector"]

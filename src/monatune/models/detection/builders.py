@@ -103,6 +103,7 @@ def build_detector(
     model_kwargs: dict[str, Any] | None = None,
     min_size: int | tuple[int, ...] = 800,
     max_size: int = 1333,
+    fpn_channels: int = 256,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """A torchvision detector of ``kind`` on a (tuned) timm backbone.
@@ -116,6 +117,7 @@ def build_detector(
         model_kwargs: Extra ``timm.create_model`` arguments.
         min_size: Shorter side the detector's transform resizes to (torchvision's ``min_size``).
         max_size: Longest side it allows.
+        fpn_channels: Width of the FPN's maps and so of the heads reading them (the release: 256).
         **detector_kwargs: Passed to the torchvision detector (``score_thresh``, ...).
 
     Returns:
@@ -125,7 +127,7 @@ def build_detector(
         >>> model = build_detector("retinanet", "swin_large_patch4_window7_224", num_classes=20, method="mona")
     """
     features = build_feature_backbone(backbone, detector=kind, method=method, model_kwargs=model_kwargs,
-                                      **(method_options or {}))
+                                      out_channels=fpn_channels, **(method_options or {}))
     classes = num_classes + 1  # torchvision counts the background (label 0)
     common = dict(min_size=min_size, max_size=max_size, **detector_kwargs)
     if kind == "retinanet":

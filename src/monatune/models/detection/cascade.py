@@ -323,10 +323,11 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         rpn_*: As torchvision's ``MaskRCNN``; the default anchors assume five levels.
         box_roi_pool: Defaults to ``MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)``.
         box_heads: One per stage; default "4conv1fc": ``FastRCNNConvFCHead`` with four 3x3 convs
-            of 256 channels, each with ``box_norm_layer``, and one fc of 1024.
+            of ``head_channels`` (256), each with ``box_norm_layer``, and one fc of 1024.
         box_predictors: One per stage; default :class:`CascadeBoxPredictor` (class-agnostic boxes).
         box_norm_layer: Norm in the default box heads; the release uses SyncBN, BatchNorm2d is its
             single-process equivalent and keeps the same state (torchvision's v2 heads use it too).
+        head_channels: Width of the default box heads' and mask head's convolutions (the release: 256).
         box_score_thresh, box_nms_thresh, box_detections_per_img: Inference postprocessing.
         box_batch_size_per_image, box_positive_fraction: RoI sampling, per stage.
         box_loss_weight: Factor on each stage's GIoU loss (the release: 10).
@@ -337,7 +338,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         score_average: ``"probs"`` averages the stages' softmax scores; ``"logits"`` averages the
             logits and then takes the softmax (what mmdetection 2.x's cascade head computes).
         mask_roi_pool, mask_head, mask_predictor: Default ``MultiScaleRoIAlign(..., 14, 2)``,
-            ``MaskRCNNHeads`` (four 256 convs) and ``MaskRCNNPredictor`` (28x28, one mask per class).
+            ``MaskRCNNHeads`` (four ``head_channels`` convs) and ``MaskRCNNPredictor`` (28x28, one mask per class).
 
     Example:
         >>> from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -371,6 +372,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         box_heads: Sequence[nn.Module] | None = None,
         box_predictors: Sequence[nn.Module] | None = None,
         box_norm_layer: Callable[..., nn.Module] | None = nn.BatchNorm2d,
+        head_channels: int = 256,
         box_score_thresh: float = 0.05,
         box_nms_thresh: float = 0.5,
         box_detections_per_img: int = 100,
@@ -416,7 +418,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
             size = box_roi_pool.output_size
             size = (size, size) if isinstance(size, int) else tuple(size)
             box_heads = [  # "4conv1fc"
-                FastRCNNConvFCHead((channels, *size), [256] * 4, [1024], norm_layer=box_norm_layer) for _ in range(num_stages)
+                FastRCNNConvFCHead((channels, *size), [head_channels] * 4, [1024], norm_layer=box_norm_layer) for _ in range(num_stages)
             ]
         if box_predictors is None:
             box_predictors = [CascadeBoxPredictor(1024, num_classes) for _ in range(num_stages)]
@@ -428,9 +430,9 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         if mask_roi_pool is None:
             mask_roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=14, sampling_ratio=2)
         if mask_head is None:
-            mask_head = MaskRCNNHeads(channels, [256] * 4, 1)
+            mask_head = MaskRCNNHeads(channels, [head_channels] * 4, 1)
         if mask_predictor is None:
-            mask_predictor = MaskRCNNPredictor(256, 256, num_classes)
+            mask_predictor = MaskRCNNPredictor(head_channels, head_channels, num_classes)
 
         roi_heads = CascadeRoIHeads(
             box_roi_pool, stages, num_classes=num_classes,
