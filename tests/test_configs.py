@@ -43,6 +43,35 @@ def test_task_configs_compose_with_every_method(task):
         assert (init["lr_scale"] or {}).get("mona", 1.0) == (2.0 if mona_x2 else 1.0)
 
 
+DETECTION = sorted((ROOT / "configs" / "det").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("task", DETECTION, ids=lambda p: p.stem)
+def test_detection_configs_compose_with_every_method(task):
+    for method in METHODS:
+        config = resolved("-c", str(task), "-c", str(ROOT / "configs" / "methods" / f"{method}.yaml"))
+        init, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
+        assert config["model"]["class_path"] == "monatune.tasks.ObjectDetector"
+        assert init["method"] == method
+        resolve_method(init["method"], init["method_options"])
+        # the release's recipe (spec section 5): AdamW 1e-4, wd 0.05, step schedule, 500-iteration warm-up,
+        # 16 images per step
+        assert (init["lr"], init["weight_decay"], init["schedule"], init["warmup_steps"]) == (1e-4, 0.05, "step", 500)
+        assert data["batch_size"] * trainer["devices"] * trainer["accumulate_grad_batches"] == 16
+        if task.stem.startswith("coco"):
+            assert init["backbone"] == "swin_base_patch4_window7_224" and init["drop_path_rate"] == 0.3
+            assert (trainer["max_epochs"], init["milestones"], trainer["precision"]) == (36, [27, 33], "16-mixed")
+            assert data["train_scales"] == list(range(480, 801, 32)) and (data["max_size"], data["test_scale"]) == (1333, 800)
+            assert data["crop"] and data["masks"] and data["format"] == "coco"
+        else:
+            assert init["backbone"] == "swin_large_patch4_window7_224" and init["detector"] == "retinanet"
+            assert (trainer["max_epochs"], data["repeats"], init["milestones"]) == (4, 3, [3])  # 12 epochs, step at 9
+            assert (data["train_scales"], data["max_size"], init["metric"]) == ([600], 1000, "voc")
+            assert data["splits"][0] == "2007/trainval+2012/trainval" and data["splits"][2] == "2007/test"
+    assert [p.stem for p in DETECTION] == [
+        "coco_cascade_mask_rcnn_swin_b_3x", "coco_mask_rcnn_swin_b_3x", "voc_retinanet_swin_l"]
+
+
 def test_overrides_win_over_config_files():
     task = str(ROOT / "configs" / "cls" / "pets_swin_l.yaml")
     config = resolved("-c", task, "-c", str(ROOT / "configs" / "methods" / "lora.yaml"),

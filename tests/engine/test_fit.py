@@ -58,6 +58,7 @@ def test_results_json(fitted_run):
         "adapter": report.adapter,
         "head": report.head,
         "trainable_percent": round(report.trainable_percent, 4),
+        "task_head": 0,  # classification: the head is part of the tuned network
     }
     assert 0 < report.adapter < report.trainable < report.total
     assert results["peak_memory_bytes"] > 0 and results["peak_memory_kind"] == "peak_rss"

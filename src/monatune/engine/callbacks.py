@@ -152,6 +152,7 @@ class RunSummary(Callback):
     def _common(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
         report = pl_module.param_report()
         memory, memory_kind = peak_memory_bytes(pl_module.device)
+        outside = {id(p) for p in pl_module.model.parameters()} - {id(p) for p in pl_module.tuned.parameters()}
         return {
             "method": pl_module.method,
             "method_options": pl_module.method_options,
@@ -163,6 +164,8 @@ class RunSummary(Callback):
                 "adapter": report.adapter,
                 "head": report.head,
                 "trainable_percent": round(report.trainable_percent, 4),
+                # a detector's or segmenter's neck and heads, outside the tuned backbone (all trainable)
+                "task_head": sum(p.numel() for p in pl_module.model.parameters() if id(p) in outside),
             },
             "peak_memory_bytes": memory,
             "peak_memory_kind": memory_kind,

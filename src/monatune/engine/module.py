@@ -38,10 +38,20 @@ def _existing_file(path: str | None, what: str) -> str | None:
 TASK_HEAD_FILE = "task_head.safetensors"
 
 
+def _task_head_tensors(network: nn.Module, part: nn.Module) -> dict[str, torch.Tensor]:
+    inside = {id(t) for t in part.state_dict(keep_vars=True).values()}
+    trainable = {id(p) for p in network.parameters() if p.requires_grad}
+    buffers = {id(b) for b in network.buffers()}
+    return {
+        n: t for n, t in network.state_dict(keep_vars=True).items()
+        if id(t) not in inside and (id(t) in trainable or id(t) in buffers)
+    }  # fmt: skip
+
+
 def task_head_state(network: nn.Module, part: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors of ``network`` outside its tuned part (a detector's neck and heads)."""
-    inside = {id(p) for p in part.parameters()}
-    return {n: p.detach().cpu().contiguous() for n, p in network.named_parameters() if p.requires_grad and id(p) not in inside}
+    """Trainable tensors and buffers (BatchNorm statistics) of ``network`` outside its tuned part
+    (a detector's neck and heads)."""
+    return {n: t.detach().cpu().contiguous() for n, t in _task_head_tensors(network, part).items()}
 
 
 def load_task_head(network: nn.Module, part: nn.Module, adapter_dir: str | Path) -> None:
@@ -62,10 +72,10 @@ def load_task_head(network: nn.Module, part: nn.Module, adapter_dir: str | Path)
             f"'{path}' does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}, misshapen {wrong[:3]} "
             "(another detector, neck or class count?)"
         )
-    params = dict(network.named_parameters())
+    targets = _task_head_tensors(network, part)
     with torch.no_grad():
         for k, v in tensors.items():
-            params[k].copy_(v)
+            targets[k].copy_(v)
 
 
 class TunedModule(L.LightningModule):
