@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 import monatune
-from monatune.cli import main
+from run_cli import run_main  # noqa: F401  (the engine tests import it from here)
 
 ENGINE_TESTS = Path(__file__).parent
 BACKBONE = "swin_tiny_patch4_window7_224"
@@ -70,20 +70,6 @@ def base_config(data_root: Path, max_epochs: int = EPOCHS) -> dict:
             },
         },
     }  # fmt: skip
-
-
-def run_main(*argv: object) -> int:
-    """``monatune <argv>`` in this process, with one torch thread; returns the exit code.
-
-    One thread as in the subprocesses (``subprocess_env``): the same arithmetic in both, and no
-    slowdown from threads waiting on each other when the machine's cores are busy.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def subprocess_env() -> dict[str, str]:

@@ -11,22 +11,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from shapes_detection import CLASSES, write_coco, write_voc
 
-from monatune.cli import main
+from run_cli import run_main as run
 
 SWIN = "swin_tiny_patch4_window7_224"
 SWIN_KWARGS = {"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "window_size": 4}
 SMALL_RCNN = {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 100,
               "rpn_post_nms_top_n_test": 50, "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 64}
 W, H = 128, 96  # the generated images' size
-
-
-def run(*argv: object) -> int:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def write_config(path: Path, model: dict, data: dict, epochs: int) -> Path:

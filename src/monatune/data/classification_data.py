@@ -5,13 +5,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .classification import DEFAULT_SPLITS, build_classification_dataset, detect_format, open_image
-from .loading import EpochSampler, ResumableLoader, SeededDataset, ShardSampler, collate_skipping, dist_info
+from .loading import ShardedDataModule
 
 __all__ = ["ClassificationData", "ImageFiles", "IMAGENET_MEAN", "IMAGENET_STD", "classification_transforms"]
 
@@ -80,7 +79,7 @@ class ImageFiles(Dataset):
         return None if image is None else (self.transform(image), -1)
 
 
-class ClassificationData(L.LightningDataModule):
+class ClassificationData(ShardedDataModule):
     """Image-classification data from a local folder, loaded the way the release trains.
 
     Layouts (``format``, detected when ``auto``): an image folder (``train/<class>/*.jpg``),
@@ -165,45 +164,10 @@ class ClassificationData(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is not None:
-            if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-                raise ValueError(
-                    "monatune's data modules split the data across processes themselves; "
-                    "create the Trainer with use_distributed_sampler=False"
-                )
-            return trainer.global_rank, trainer.world_size
-        return dist_info()
+    def items(self, dataset: Dataset) -> Dataset:
+        return _Items(dataset)
 
-    def _generator(self) -> torch.Generator:
-        # the loader draws its worker seed from this, not from the global RNG the model uses
-        return torch.Generator().manual_seed(self.seed)
-
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank()
-        sampler = EpochSampler(len(self.train_set), seed=self.seed, shuffle=True, rank=rank, world_size=world)
-        return ResumableLoader(
-            SeededDataset(_Items(self.train_set)), batch_size=self.batch_size, sampler=sampler,
-            num_workers=self.num_workers, collate_fn=collate_skipping, generator=self._generator(),
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-        )
-
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        rank, world = self._rank()
-        return DataLoader(
-            _Items(dataset), batch_size=self.batch_size, sampler=ShardSampler(len(dataset), rank=rank, world_size=world),
-            num_workers=self.num_workers, collate_fn=collate_skipping, generator=self._generator(),
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_set)
-
-    def predict_dataloader(self) -> DataLoader:
+    def predict_set(self) -> Dataset:
         if self.predict_path is None:
-            return self._eval_loader(self.test_set)
-        return self._eval_loader(ImageFiles(self.predict_path, self.eval_transform, self.on_bad_image))
+            return self.items(self.test_set)
+        return self.items(ImageFiles(self.predict_path, self.eval_transform, self.on_bad_image))

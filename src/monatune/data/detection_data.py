@@ -5,9 +5,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
@@ -22,7 +21,7 @@ from .detection import (
     read_coco,
     read_voc,
 )
-from .loading import EpochSampler, ResumableLoader, SeededDataset, ShardSampler, dist_info
+from .loading import ShardedDataModule
 
 __all__ = ["DetectionData", "DEFAULT_DETECTION_SPLITS"]
 
@@ -81,7 +80,7 @@ def _to_float_image(image: Any) -> tv_tensors.Image:
     return tv_tensors.Image(F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True))
 
 
-class DetectionData(L.LightningDataModule):
+class DetectionData(ShardedDataModule):
     """Detection data from a local COCO or Pascal VOC folder, loaded the way the release trains.
 
     ``format="coco"``: ``root/<split>/`` image folders and ``root/annotations/instances_<split>.json``
@@ -218,46 +217,12 @@ class DetectionData(L.LightningDataModule):
         """``(shorter side, longest side)`` the detector resizes evaluation images to."""
         return self.test_scale, self.max_size
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is not None:
-            if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-                raise ValueError(
-                    "monatune's data modules split the data across processes themselves; "
-                    "create the Trainer with use_distributed_sampler=False"
-                )
-            return trainer.global_rank, trainer.world_size
-        return dist_info()
+    collate = staticmethod(collate_detection)
 
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def train_items(self) -> Dataset:
+        return _Repeated(self.train_set, self.repeats) if self.repeats > 1 else self.train_set
 
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank()
-        dataset = _Repeated(self.train_set, self.repeats) if self.repeats > 1 else self.train_set
-        sampler = EpochSampler(len(dataset), seed=self.seed, shuffle=True, rank=rank, world_size=world)
-        return ResumableLoader(
-            SeededDataset(dataset), batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=collate_detection, generator=self._generator(), persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )  # fmt: skip
-
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        rank, world = self._rank()
-        return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=ShardSampler(len(dataset), rank=rank, world_size=world),
-            num_workers=self.num_workers, collate_fn=collate_detection, generator=self._generator(),
-            pin_memory=torch.cuda.is_available(),
-        )  # fmt: skip
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_set)
-
-    def predict_dataloader(self) -> DataLoader:
+    def predict_set(self) -> Dataset:
         if self.predict_path is None:
-            return self._eval_loader(self.test_set)
-        return self._eval_loader(_Unannotated(ImageFiles(self.predict_path, _to_float_image, self.on_bad_image)))
-
+            return self.test_set
+        return _Unannotated(ImageFiles(self.predict_path, _to_float_image, self.on_bad_image))

@@ -18,10 +18,14 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-__all__ = ["EpochSampler", "ShardSampler", "SeededDataset", "ResumableLoader", "collate_skipping", "dist_info"]
+__all__ = [
+    "EpochSampler", "ShardSampler", "SeededDataset", "ResumableLoader", "collate_skipping", "dist_info", "process_share",
+    "ShardedDataModule",
+]
 
 
 def dist_info() -> tuple[int, int]:
@@ -29,6 +33,22 @@ def dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def process_share(trainer: Any | None) -> tuple[int, int]:
+    """(rank, world size) a data module splits its data by: the trainer's, else the process group's.
+
+    monatune's data modules give each process its share themselves, so a Trainer that would also
+    wrap their samplers in ``DistributedSampler`` is refused.
+    """
+    if trainer is not None:
+        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                "monatune's data modules split the data across processes themselves; "
+                "create the Trainer with use_distributed_sampler=False"
+            )
+        return trainer.global_rank, trainer.world_size
+    return dist_info()
 
 
 class EpochSampler(Sampler):
@@ -134,3 +154,57 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.epoch = state["epoch"]
         self.sampler.skip = state["batches"] * (self.batch_size or 1)
+
+
+class ShardedDataModule(L.LightningDataModule):
+    """The loaders of monatune's data modules: resumable shuffled training, evaluation split across processes.
+
+    A subclass sets ``train_set``, ``val_set``, a ``test_set`` (a property may read it lazily),
+    ``batch_size``, ``num_workers`` and ``seed``, and may override ``collate`` (how items batch),
+    ``items`` (what wraps a data set for the loaders) and ``predict_set`` (default: the test set).
+    """
+
+    collate = staticmethod(collate_skipping)
+
+    def items(self, dataset: Dataset) -> Dataset:
+        return dataset
+
+    def train_items(self) -> Dataset:
+        return self.items(self.train_set)
+
+    def predict_set(self) -> Dataset:
+        return self.items(self.test_set)
+
+    def _rank(self) -> tuple[int, int]:
+        return process_share(self.trainer)
+
+    def _generator(self) -> torch.Generator:
+        # the loader draws its worker seed from this, not from the global RNG the model uses
+        return torch.Generator().manual_seed(self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        dataset = self.train_items()
+        sampler = EpochSampler(len(dataset), seed=self.seed, shuffle=True, rank=rank, world_size=world)
+        return ResumableLoader(
+            SeededDataset(dataset), batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=self.collate, generator=self._generator(), persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )  # fmt: skip
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        rank, world = self._rank()
+        return DataLoader(
+            dataset, batch_size=self.batch_size, sampler=ShardSampler(len(dataset), rank=rank, world_size=world),
+            num_workers=self.num_workers, collate_fn=self.collate, generator=self._generator(),
+            pin_memory=torch.cuda.is_available(),
+        )  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.items(self.val_set))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.items(self.test_set))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.predict_set())

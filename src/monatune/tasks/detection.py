@@ -165,6 +165,8 @@ class ObjectDetector(TunedModule):
         metric.update(preds, targets)
 
     def _log_metric(self, metric: nn.Module, stage: str) -> None:
+        if self.metric == "voc" and metric.update_count == 0:
+            metric.update([], [])  # a process that saw no image still needs typed states to gather
         values = metric.compute()  # gathers every process's detections
         metric.reset()
         if self.metric == "voc":
