@@ -19,9 +19,17 @@ from .detection import (
     read_voc,
 )
 from .detection_data import DEFAULT_DETECTION_SPLITS, DetectionData
+from .segmentation import ADE20K_CLASSES, SegmentationDataset, read_ade20k, read_masks, segmentation_transforms
+from .segmentation_data import SegmentationData
 from .loading import EpochSampler, ResumableLoader, SeededDataset, ShardSampler
 
 __all__ = [
+    "SegmentationData",
+    "SegmentationDataset",
+    "read_ade20k",
+    "read_masks",
+    "segmentation_transforms",
+    "ADE20K_CLASSES",
     "DetectionData",
     "DEFAULT_DETECTION_SPLITS",
     "DetectionDataset",

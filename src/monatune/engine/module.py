@@ -88,6 +88,7 @@ class TunedModule(L.LightningModule):
         pretrained: Weights to start from: an official Swin ``.pth``, a timm ``.safetensors``/``.bin``.
         model_kwargs: Extra ``timm.create_model`` arguments (e.g. ``img_size``, ``depths``).
         drop_path_rate: Stochastic depth of the backbone.
+        drop_path_by_method: Per-method drop-path rates that replace ``drop_path_rate`` (``{"mona": 0.2}``).
         adapter: An adapter directory (``monatune.save_adapter``) to start from or evaluate.
         lr: Base learning rate (of AdamW).
         lr_scale: Per-method multipliers of ``lr``, e.g. ``{"mona": 2.0}`` (the release's recipe
@@ -115,6 +116,7 @@ class TunedModule(L.LightningModule):
         pretrained: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         drop_path_rate: float = 0.0,
+        drop_path_by_method: dict[str, float] | None = None,
         adapter: str | None = None,
         lr: float = 1e-4,
         lr_scale: dict[str, float] | None = None,
@@ -143,7 +145,7 @@ class TunedModule(L.LightningModule):
             raise FileNotFoundError(f"adapter directory '{adapter}' does not exist")
         self.adapter_path = adapter
         self.model_kwargs = dict(model_kwargs or {})
-        self.drop_path_rate = drop_path_rate
+        self.drop_path_rate = (drop_path_by_method or {}).get(method, drop_path_rate)
         self.lr = lr * (lr_scale or {}).get(method, 1.0)
         self.weight_decay, self.betas = weight_decay, tuple(betas)
         self.schedule, self.milestones, self.gamma, self.poly_power = schedule, list(milestones or []), gamma, poly_power

@@ -1,5 +1,6 @@
 """Tasks: what a tuned backbone is trained to do (heads, losses, metrics)."""
 from .classification import ImageClassifier
 from .detection import ObjectDetector
+from .segmentation import SemanticSegmenter
 
-__all__ = ["ImageClassifier", "ObjectDetector"]
+__all__ = ["ImageClassifier", "ObjectDetector", "SemanticSegmenter"]
