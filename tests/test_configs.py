@@ -72,6 +72,32 @@ def test_detection_configs_compose_with_every_method(task):
         "coco_cascade_mask_rcnn_swin_b_3x", "coco_mask_rcnn_swin_b_3x", "voc_retinanet_swin_l"]
 
 
+def test_segmentation_config_composes_with_every_method():
+    task = ROOT / "configs" / "seg" / "ade20k_upernet_swin_l.yaml"
+    for method in METHODS:
+        config = resolved("-c", str(task), "-c", str(ROOT / "configs" / "methods" / f"{method}.yaml"))
+        init, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
+        assert config["model"]["class_path"] == "monatune.tasks.SemanticSegmenter" and init["method"] == method
+        resolve_method(init["method"], init["method_options"])
+        # the release's ADE20K recipe (spec section 5), with its per-method lr and drop-path
+        lr = init["lr"] * (init["lr_scale"] or {}).get(method, 1.0)
+        drop_path = (init["drop_path_by_method"] or {}).get(method, init["drop_path_rate"])
+        assert (lr, drop_path) == pytest.approx((3e-4, 0.2) if method == "mona" else (6e-5, 0.3))
+        assert (init["weight_decay"], init["schedule"], init["warmup_steps"], init["min_lr_ratio"]) == (0.01, "poly", 1500, 0.0)
+        assert (trainer["max_steps"], init["aux_weight"], init["inference"]) == (160000, 0.4, "whole")
+        assert data["batch_size"] * trainer["devices"] * trainer["accumulate_grad_batches"] == 16
+        assert (data["crop_size"], data["ratio_range"], data["cat_max_ratio"]) == ([512, 512], [0.5, 2.0], 0.75)
+
+
+def test_per_method_drop_path_reaches_the_module():
+    from monatune.tasks import SemanticSegmenter
+
+    for method, expected in (("mona", 0.2), ("lora", 0.3)):
+        module = SemanticSegmenter("swin_tiny_patch4_window7_224", method=method, drop_path_rate=0.3,
+                                   drop_path_by_method={"mona": 0.2})  # fmt: skip
+        assert module.drop_path_rate == expected
+
+
 def test_overrides_win_over_config_files():
     task = str(ROOT / "configs" / "cls" / "pets_swin_l.yaml")
     config = resolved("-c", task, "-c", str(ROOT / "configs" / "methods" / "lora.yaml"),
