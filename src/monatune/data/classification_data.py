@@ -40,10 +40,10 @@ def classification_transforms(
 
 
 class _Items(Dataset):
-    """``(image, target)`` items as the dicts the task modules read, with the file path."""
+    """``(image, target)`` items as the dicts the task modules read (``{"image", target_key, "path"}``)."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Any, target_key: str = "target") -> None:
+        self.dataset, self.target_key = dataset, target_key
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -53,7 +53,7 @@ class _Items(Dataset):
         if item is None:  # unreadable and skipped (on_bad_image="skip")
             return None
         image, target = item
-        return {"image": image, "target": target, "path": self.dataset.path(i)}
+        return {"image": image, self.target_key: target, "path": self.dataset.path(i)}
 
 
 class ImageFiles(Dataset):

@@ -10,7 +10,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from .classification import _check_on_bad_image, open_image
-from .classification_data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles
+from .classification_data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, _Items
 from .loading import ShardedDataModule
 from .segmentation import (
     IGNORE_INDEX,
@@ -25,23 +25,6 @@ __all__ = ["SegmentationData", "SEGMENTATION_FORMATS"]
 
 SEGMENTATION_FORMATS = ("ade20k", "masks")
 _DEFAULT_SPLITS = {"ade20k": ("training", "validation", "validation"), "masks": ("train", "val", "val")}
-
-
-class _Items(Dataset):
-    """``{"image", "mask", "path"}`` items for :func:`collate_segmentation`."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        item = self.dataset[i]
-        if item is None:  # unreadable and skipped (on_bad_image="skip")
-            return None
-        image, mask = item
-        return {"image": image, "mask": mask, "path": self.dataset.path(i)}
 
 
 class _Unlabelled(Dataset):
@@ -181,7 +164,7 @@ class SegmentationData(ShardedDataModule):
         return len(self.classes)
 
     def items(self, dataset: Dataset) -> Dataset:
-        return _Items(dataset)
+        return _Items(dataset, target_key="mask")
 
     def predict_set(self) -> Dataset:
         if self.predict_path is None:

@@ -160,6 +160,17 @@ class TunedModule(L.LightningModule):
         """Create the task's network (untuned); subclasses implement it."""
         raise NotImplementedError
 
+    def _classes_from_data(self) -> Any:
+        """The trainer's data module (``None`` without one), after taking ``num_classes`` (when not
+        given) and ``classes`` from it; a task needs a class count from one or the other."""
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if getattr(self, "num_classes", None) is None:
+            self.num_classes = getattr(data, "num_classes", None)
+        if not self.num_classes:
+            raise ValueError("`num_classes` is not set and the data module does not provide it")
+        self.classes = list(getattr(data, "classes", None) or []) or None
+        return data
+
     def tuned_part(self, network: nn.Module) -> nn.Module:
         """The module the method is applied to and adapters are saved from (default: all of it)."""
         return network

@@ -56,14 +56,9 @@ class ImageClassifier(TunedModule):
         return "val/mAP" if self.multilabel else "val/acc"
 
     def build_network(self) -> nn.Module:
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if self.num_classes is None:
-            self.num_classes = getattr(data, "num_classes", None)
+        data = self._classes_from_data()
         if self.multilabel is None:
             self.multilabel = bool(getattr(data, "multilabel", False))
-        self.classes = list(getattr(data, "classes", None) or []) or None
-        if not self.num_classes:
-            raise ValueError("`num_classes` is not set and the data module does not provide it")
         self.val_metric, self.test_metric = self._metric(), self._metric()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         return timm.create_model(

@@ -100,12 +100,7 @@ class ObjectDetector(TunedModule):
         return "val/voc_map50" if self.metric == "voc" else "val/map"
 
     def build_network(self) -> nn.Module:
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if self.num_classes is None:
-            self.num_classes = getattr(data, "num_classes", None)
-        if not self.num_classes:
-            raise ValueError("`num_classes` is not set and the data module does not provide it")
-        self.classes = list(getattr(data, "classes", None) or []) or None
+        data = self._classes_from_data()
         self.metric = self.metric or getattr(data, "metric", None) or "coco"
         eval_size = getattr(data, "eval_size", None) or (800, 1333)
         self.min_size = self.min_size or eval_size[0]

@@ -123,12 +123,7 @@ class SemanticSegmenter(TunedModule):
     monitor = "val/mIoU"
 
     def build_network(self) -> nn.Module:
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if self.num_classes is None:
-            self.num_classes = getattr(data, "num_classes", None)
-        if not self.num_classes:
-            raise ValueError("`num_classes` is not set and the data module does not provide it")
-        self.classes = list(getattr(data, "classes", None) or []) or None
+        data = self._classes_from_data()
         self.crop = tuple(self.crop or getattr(data, "crop_size", None) or (512, 512))
         self.stride = tuple(self.stride or (max(self.crop[0] * 2 // 3, 1), max(self.crop[1] * 2 // 3, 1)))
         self.val_iou, self.test_iou = self._iou(), self._iou()
