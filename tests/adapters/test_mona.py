@@ -131,3 +131,113 @@ def test_bad_options_are_named(kwargs, match):
 def test_bad_token_count_is_explained():
     with pytest.raises(ValueError, match="10 tokens"):
         Mona(8)(torch.randn(1, 10, 8), hw=(3, 3))
+
+
+# -- the three implementations ------------------------------------------------------------
+
+
+def _run(mona: Mona, impl: str, x: torch.Tensor, grad_out: torch.Tensor, seed: int = 0, **kwargs):
+    """Output, input gradient and parameter gradients of one implementation (fresh grads)."""
+    mona.impl = impl
+    mona.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = mona(x, **kwargs)
+    (out * grad_out).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in mona.named_parameters()}
+
+
+def _assert_same(a, b, tol=1e-5):
+    out_a, dx_a, grads_a = a
+    out_b, dx_b, grads_b = b
+    assert rel_err(out_a, out_b) < tol
+    assert rel_err(dx_a, dx_b) < tol
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert rel_err(grads_a[name], grads_b[name]) < tol, name
+
+
+@pytest.mark.parametrize("layout", ["map", "tokens", "prefix"])
+def test_fused_plain_and_release_agree_in_training_mode_with_dropout(layout):
+    """Same seed, same dropout mask: all three implementations give the same outputs and gradients."""
+    mona = randomize(Mona(24, bottleneck=16, dropout=0.3)).train()
+    hw, P = (5, 7), (2 if layout == "prefix" else 0)
+    if layout == "map":
+        x, kwargs = torch.randn(3, *hw, 24), {}
+    else:
+        x, kwargs = torch.randn(3, P + hw[0] * hw[1], 24), dict(hw=hw, num_prefix_tokens=P)
+    grad_out = torch.randn_like(x)
+    fused = _run(mona, "fused", x, grad_out, **kwargs)
+    _assert_same(fused, _run(mona, "plain", x, grad_out, **kwargs))
+    _assert_same(fused, _run(mona, "release", x, grad_out, **kwargs))
+    # The dropout is live: a different seed gives a different output.
+    assert rel_err(_run(mona, "fused", x, grad_out, seed=1, **kwargs)[0], fused[0]) > 1e-3
+
+
+def test_dropout_keeps_each_unit_with_probability_one_minus_p():
+    from monatune.adapters.mona import _keep_mask
+
+    torch.manual_seed(0)
+    keep = _keep_mask((256, 256), 0.25, torch.device("cpu"))
+    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.75) < 0.01
+    # Kept units are rescaled by 1 / (1 - p): averaged over many positions, training matches eval.
+    mona = randomize(Mona(8, bottleneck=64, dropout=0.25))
+    x = torch.randn(1, 1, 8).expand(1, 4096, 8).unflatten(1, (64, 64)).contiguous()
+    train_mean = (mona.train()(x) - x).mean((0, 1, 2))
+    eval_mean = (mona.eval()(x) - x).mean((0, 1, 2))
+    assert rel_err(train_mean, eval_mean) < 0.05
+
+
+def test_fused_backward_passes_gradcheck_in_double_precision():
+    mona = randomize(Mona(6, bottleneck=4, kernel_sizes=(1, 3), dropout=0.0)).double()
+    x = torch.randn(2, 1 + 3 * 4, 6, dtype=torch.float64, requires_grad=True)
+    params = [p for p in mona.parameters()]
+
+    def f(x, *ps):
+        return mona(x, hw=(3, 4), num_prefix_tokens=1)
+
+    assert mona.impl == "fused" and mona._can_fuse(x)
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_input_without_gradient_still_trains_the_module():
+    """The first Mona after a frozen stem gets an input that needs no gradient."""
+    mona = randomize(Mona(16, dropout=0.0))
+    x = torch.randn(2, 4, 4, 16)
+    out = mona(x)
+    out.square().sum().backward()
+    fused = {n: p.grad.clone() for n, p in mona.named_parameters()}
+    mona.zero_grad(set_to_none=True)
+    mona.impl = "plain"
+    mona(x).square().sum().backward()
+    for n, p in mona.named_parameters():
+        assert rel_err(fused[n], p.grad) < 1e-5, n
+
+
+def test_autocast_uses_the_plain_path_and_low_precision_matmuls():
+    mona = randomize(Mona(16, dropout=0.0))
+    x = torch.randn(2, 4, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not mona._can_fuse(x)
+        out = mona(x)
+    assert rel_err(out.float(), mona(x)) < 2e-2
+
+
+def test_compiles_without_graph_breaks():
+    mona = randomize(Mona(16, bottleneck=8, dropout=0.0))
+    x = torch.randn(2, 5, 5, 16, requires_grad=True)
+    compiled = torch.compile(mona, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises
+    out = compiled(x)
+    out.sum().backward()
+    assert rel_err(out, mona(x)) < 1e-5
+
+
+def test_unknown_implementation_is_named():
+    from monatune.adapters.mona import set_mona_impl
+
+    with pytest.raises(ValueError, match="fast.*choose from"):
+        set_mona_impl(Mona(8), "fast")
+    mona = Mona(8)
+    mona.impl = "fast"
+    with pytest.raises(ValueError, match="unknown Mona implementation"):
+        mona(torch.randn(1, 2, 2, 8))

@@ -19,6 +19,23 @@ averaged, identity folded into the centre tap); likewise the projector's skip is
 its weight. Outputs and each tensor's gradient are those of the three-convolution form.
 Everything runs channels-last: a (B, H, W, C) map from the backbone is never copied into
 NCHW layout.
+
+Three implementations of the same function (``Mona.impl``, or :func:`set_mona_impl` for a
+whole model):
+
+- ``"fused"`` (default): one autograd function with a hand-written backward. The LayerNorm's
+  affine and both scales are folded into the down-projection (``z @ W1^T`` becomes
+  ``n @ (W1 diag(w*gamma))^T + x @ (W1 diag(gammax))^T`` plus a folded bias), so the wide
+  C-channel stream gets no elementwise passes of its own; the output residual is accumulated
+  by the up-projection's GEMM; the depthwise backward asks for the input and the kernel
+  gradients in two calls (one combined call is several times slower on CPU); backward
+  saves only the input, two LayerNorm statistics and three bottleneck-wide maps, and
+  recomputes the normalised input. Pure PyTorch: no compiled extension.
+- ``"plain"``: the same assembled kernel written as ordinary autograd operations. Used under
+  autocast, inside ``torch.compile`` (so the compiler sees plain operations, no graph
+  break), for double backward, and as the reference of the fused path's tests.
+- ``"release"``: the release's structure (three convolutions, separate projector skip, an
+  NCHW view), kept so that benchmarks measure the speed-up over it.
 """
 from __future__ import annotations
 
@@ -28,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Mona", "MonaOp", "check_mona_options"]
+__all__ = ["Mona", "MonaOp", "check_mona_options", "set_mona_impl", "MONA_IMPLS"]
+
+MONA_IMPLS = ("fused", "plain", "release")
 
 
 def check_mona_options(
@@ -100,6 +119,108 @@ class MonaOp(nn.Module):
         return y, prefix
 
 
+def _grid(t: Tensor, batch: int, prefix: int, hw: tuple[int, int]) -> Tensor:
+    """The patch-grid part of (B*N, r) rows as an NCHW view with channels-last strides."""
+    return t.view(batch, -1, t.shape[-1])[:, prefix:].unflatten(1, hw).permute(0, 3, 1, 2)
+
+
+def _rows(grid: Tensor, other: Tensor, prefix: int, prefix_rows: Tensor | None) -> Tensor:
+    """(B, r, H, W) grid output (+ prefix rows (B, P, r)) back to (B*N, r) rows like ``other``."""
+    g = grid.permute(0, 2, 3, 1)  # B, H, W, r
+    if not prefix:
+        return g.reshape(-1, g.shape[-1])
+    out = torch.empty(other.shape, dtype=grid.dtype, device=grid.device).view(g.shape[0], -1, g.shape[-1])
+    out[:, prefix:] = g.flatten(1, 2)
+    out[:, :prefix] = prefix_rows
+    return out.view(-1, g.shape[-1])
+
+
+class _MonaFunction(torch.autograd.Function):
+    """Mona's forward and backward on (B*N, C) rows (see the module docstring).
+
+    ``s``/``t`` are the LayerNorm's affine weight and bias times ``gamma``, so that
+    ``z = layer_norm(x, s, t) + x * gammax`` takes one LayerNorm and one in-place pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, t, gammax, W1, b1, K, kb, P, bp, W2, b2, layout, keep, scale, eps):  # type: ignore[override]
+        batch, prefix, hw = layout
+        C = x.shape[-1]
+        x2 = x.reshape(-1, C)
+        z, mu, rstd = torch.native_layer_norm(x2, [C], s, t, eps)
+        d = torch.addmm(b1, z.addcmul_(x2, gammax), W1.t())
+        del z
+        pad = K.shape[-1] // 2
+        m_grid = F.conv2d(_grid(d, batch, prefix, hw), K, kb, padding=pad, groups=K.shape[0])
+        pre = None
+        if prefix:
+            pre = d.view(batch, -1, d.shape[-1])[:, :prefix] * K[:, 0, pad, pad] + kb
+        m = _rows(m_grid, d, prefix, pre)
+        q = torch.addmm(bp, m, P.t())
+        h = F.gelu(q)
+        if keep is not None:
+            h.mul_(keep).mul_(scale)
+        out = torch.addmm(x2, h, W2.t()).add_(b2)
+        ctx.save_for_backward(x2, mu, rstd, d, m, q, keep, s, t, gammax, W1, K, P, W2)
+        ctx.layout, ctx.scale, ctx.eps = layout, scale, eps
+        return out.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):  # type: ignore[override]
+        x2, mu, rstd, d, m, q, keep, s, t, gammax, W1, K, P, W2 = ctx.saved_tensors
+        batch, prefix, hw = ctx.layout
+        shape = dout.shape
+        C, r = x2.shape[-1], d.shape[-1]
+        dout2 = dout.reshape(-1, C)
+        h = F.gelu(q)
+        if keep is not None:
+            h.mul_(keep).mul_(ctx.scale)
+        dW2 = dout2.t().mm(h)
+        db2 = dout2.sum(0)
+        del h
+        dh = dout2.mm(W2)
+        if keep is not None:
+            dh.mul_(keep).mul_(ctx.scale)
+        dq = torch.ops.aten.gelu_backward(dh, q)
+        del dh
+        dP = dq.t().mm(m)
+        dbp = dq.sum(0)
+        dm = dq.mm(P)
+        del dq
+        dkb = dm.sum(0)
+        pad = K.shape[-1] // 2
+        dm_grid, d_grid = _grid(dm, batch, prefix, hw), _grid(d, batch, prefix, hw)
+        conv_args = ([r], [1, 1], [pad, pad], [1, 1], False, [0, 0], r)
+        # Two calls: asking for the input and weight gradients together is far slower on CPU.
+        dd_grid = torch.ops.aten.convolution_backward(dm_grid, d_grid, K, *conv_args, [True, False, False])[0]
+        dK = torch.ops.aten.convolution_backward(dm_grid, d_grid, K, *conv_args, [False, True, False])[1]
+        pre = None
+        if prefix:
+            dm_pre = dm.view(batch, -1, r)[:, :prefix]
+            pre = dm_pre * K[:, 0, pad, pad]
+            dK[:, 0, pad, pad] += (dm_pre * d.view(batch, -1, r)[:, :prefix]).sum((0, 1))
+        dd = _rows(dd_grid, d, prefix, pre)
+        del dm, dd_grid
+        db1 = dd.sum(0)
+        z = torch.native_layer_norm(x2, [C], s, t, ctx.eps)[0].addcmul_(x2, gammax)  # recomputed, not stored
+        dW1 = dd.t().mm(z)
+        del z
+        dz = dd.mm(W1)
+        dx, ds, dt = torch.ops.aten.native_layer_norm_backward(
+            dz, x2, [C], mu, rstd, s, t, [ctx.needs_input_grad[0], True, True]
+        )
+        dgammax = (dz * x2).sum(0)
+        if dx is not None:
+            dx = dx.addcmul_(dz, gammax).add_(dout2).view(shape)
+        return dx, ds, dt, dgammax, dW1, db1, dK, dkb, dP, dbp, dW2, db2, None, None, None, None
+
+
+def _keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """Dropout's keep mask, Bernoulli(1 - p) (uniform draws; faster than ``bernoulli_`` on CPU)."""
+    return torch.rand(shape, device=device) >= p
+
+
 class Mona(nn.Module):
     """Multi-cognitive Visual Adapter, applied to a residual stream after a residual add.
 
@@ -109,6 +230,9 @@ class Mona(nn.Module):
         kernel_sizes: Odd kernel sizes of the averaged depthwise convolutions ((3, 5, 7)).
         dropout: Dropout before the up-projection (0.1 in the release).
 
+    ``impl`` selects one of three implementations of the same function (module docstring):
+    ``"fused"`` (default), ``"plain"`` or ``"release"``.
+
     Example:
         >>> mona = Mona(128)
         >>> mona(torch.randn(2, 14, 14, 128)).shape          # a channels-last map
@@ -117,6 +241,8 @@ class Mona(nn.Module):
         >>> mona(tokens, hw=(14, 14), num_prefix_tokens=1).shape
         torch.Size([2, 197, 128])
     """
+
+    impl: str = "fused"
 
     def __init__(
         self,
@@ -153,25 +279,94 @@ class Mona(nn.Module):
         Returns:
             A tensor shaped like ``x``.
         """
-        z = self.project1(self.norm(x) * self.gamma + x * self.gammax)
         if x.ndim == 4:
-            m, _ = self.adapter_conv(z)
+            hw, P = (x.shape[1], x.shape[2]), 0
         elif x.ndim == 3:
             if hw is None:
                 raise ValueError("Mona on (B, N, C) tokens needs the grid size `hw=(H, W)`")
-            B, N, _ = x.shape
             P = num_prefix_tokens
-            if N != P + hw[0] * hw[1]:
+            if x.shape[1] != P + hw[0] * hw[1]:
                 raise ValueError(
-                    f"Mona got {N} tokens, but a {hw[0]}x{hw[1]} grid with {P} prefix tokens has "
+                    f"Mona got {x.shape[1]} tokens, but a {hw[0]}x{hw[1]} grid with {P} prefix tokens has "
                     f"{P + hw[0] * hw[1]}; are tokens being dropped or merged before this block?"
                 )
+        else:
+            raise ValueError(f"Mona expects (B, H, W, C) maps or (B, N, C) tokens, got shape {tuple(x.shape)}")
+        if self.impl not in MONA_IMPLS:
+            raise ValueError(f"unknown Mona implementation {self.impl!r}; choose from {MONA_IMPLS}")
+        keep = None
+        p = self.dropout.p
+        if self.training and p > 0:
+            keep = _keep_mask((*x.shape[:-1], self.project1.out_features), p, x.device)
+        if self.impl == "release":
+            return self._release(x, tuple(hw), P, keep)
+        if self.impl == "fused" and self._can_fuse(x):
+            return self._fused(x, tuple(hw), P, keep)
+        return self._plain(x, tuple(hw), P, keep)
+
+    def _can_fuse(self, x: Tensor) -> bool:
+        if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+            return False
+        return x.dtype in (torch.float32, torch.float64) and x.dtype == self.project1.weight.dtype
+
+    def _drop(self, g: Tensor, keep: Tensor | None) -> Tensor:
+        return g if keep is None else g * keep / (1.0 - self.dropout.p)
+
+    def _fused(self, x: Tensor, hw: tuple[int, int], P: int, keep: Tensor | None) -> Tensor:
+        K, kb = self.adapter_conv.merged_kernel()
+        r = self.adapter_conv.channels
+        proj = self.adapter_conv.projector
+        W1 = self.project1.weight
+        Pm = proj.weight.flatten(1) + torch.eye(r, dtype=W1.dtype, device=W1.device)  # projector + its skip
+        return _MonaFunction.apply(
+            x, self.norm.weight * self.gamma, self.norm.bias * self.gamma, self.gammax, W1, self.project1.bias,
+            K, kb, Pm, proj.bias, self.project2.weight, self.project2.bias,
+            (x.shape[0], P, hw), None if keep is None else keep.view(-1, r), 1.0 / (1.0 - self.dropout.p), self.norm.eps,
+        )
+
+    def _plain(self, x: Tensor, hw: tuple[int, int], P: int, keep: Tensor | None) -> Tensor:
+        z = self.project1(self.norm(x) * self.gamma + x * self.gammax)
+        if x.ndim == 4:
+            m, _ = self.adapter_conv(z)
+        else:
             grid, prefix = z[:, P:].unflatten(1, hw), (z[:, :P] if P else None)
             grid, prefix = self.adapter_conv(grid, prefix)
             m = grid.flatten(1, 2) if prefix is None else torch.cat([prefix, grid.flatten(1, 2)], dim=1)
-        else:
-            raise ValueError(f"Mona expects (B, H, W, C) maps or (B, N, C) tokens, got shape {tuple(x.shape)}")
-        return x + self.project2(self.dropout(F.gelu(m)))
+        return x + self.project2(self._drop(F.gelu(m), keep))
+
+    def _release(self, x: Tensor, hw: tuple[int, int], P: int, keep: Tensor | None) -> Tensor:
+        """The release's structure: three convolutions on an NCHW view, the projector's skip apart."""
+        identity = x
+        z = self.project1(self.norm(x) * self.gamma + x * self.gammax)
+        tokens = z.flatten(1, 2) if z.ndim == 4 else z
+        op = self.adapter_conv
+        m = tokens[:, P:].reshape(tokens.shape[0], hw[0], hw[1], -1).permute(0, 3, 1, 2)
+        convs = op.convs()
+        m = sum(conv(m) for conv in convs) / len(convs) + m
+        m = op.projector(m) + m
+        m = m.permute(0, 2, 3, 1).flatten(1, 2)
+        if P:  # isolated tokens: 1x1 maps, where each convolution is its centre tap
+            pre = tokens[:, :P]
+            pre = sum(pre * c.weight[:, 0, c.kernel_size[0] // 2, c.kernel_size[1] // 2] + c.bias for c in convs) / len(convs) + pre
+            pre = F.linear(pre, op.projector.weight.flatten(1), op.projector.bias) + pre
+            m = torch.cat([pre, m], dim=1)
+        m = m.reshape(*identity.shape[:-1], -1)
+        return identity + self.project2(self._drop(F.gelu(m), keep))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bottleneck={self.project1.out_features}, kernel_sizes={self.adapter_conv.kernel_sizes}"
+
+
+def set_mona_impl(model: nn.Module, impl: str) -> int:
+    """Set the implementation (``"fused"``, ``"plain"`` or ``"release"``) of every Mona in ``model``.
+
+    Returns the number of Mona modules changed.
+    """
+    if impl not in MONA_IMPLS:
+        raise ValueError(f"unknown Mona implementation {impl!r}; choose from {MONA_IMPLS}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Mona):
+            module.impl = impl
+            count += 1
+    return count
