@@ -20,12 +20,14 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRSchedu
 from torch import nn
 
 from ..checkpoints import load_adapter, load_pretrained
+from ..memory import set_activation_checkpointing, set_frozen_precision
 from ..methods import resolve_method
 from ..params import ParamReport, count_parameters
 
 __all__ = ["TunedModule", "SCHEDULES"]
 
 SCHEDULES = ("cosine", "step", "poly", "constant")
+FROZEN_PRECISIONS = ("bf16", "fp16")
 _RNG_KEY = "monatune_rng"
 
 
@@ -103,6 +105,10 @@ class TunedModule(L.LightningModule):
         milestones: Epochs at which the ``step`` schedule multiplies the lr by ``gamma``.
         gamma: Factor of the ``step`` schedule.
         poly_power: Power of the ``poly`` schedule.
+        activation_checkpointing: Recompute the backbone's blocks in backward instead of storing
+            their activations (``monatune.memory``; same results, about one more forward pass).
+        frozen_precision: ``bf16`` or ``fp16``: run the frozen part of the backbone in that
+            type, adapters and heads in float32 (``monatune.memory``); not with ``full``.
     """
 
     strict_loading = False  # resumable checkpoints hold only what trains (see on_save_checkpoint)
@@ -130,6 +136,8 @@ class TunedModule(L.LightningModule):
         milestones: list[int] | None = None,
         gamma: float = 0.1,
         poly_power: float = 1.0,
+        activation_checkpointing: bool = False,
+        frozen_precision: str | None = None,
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
@@ -137,6 +145,12 @@ class TunedModule(L.LightningModule):
         if lr <= 0:
             raise ValueError(f"`lr` must be positive, got {lr}")
         resolve_method(method, method_options or {})  # unknown method or option: fail before any work
+        if frozen_precision is not None:
+            if frozen_precision not in FROZEN_PRECISIONS:
+                raise ValueError(f"unknown frozen_precision {frozen_precision!r}; choose from {FROZEN_PRECISIONS}")
+            if method == "full":
+                raise ValueError("frozen_precision needs a frozen backbone; method 'full' trains every weight")
+        self.activation_checkpointing, self.frozen_precision = activation_checkpointing, frozen_precision
         self.backbone_name = backbone
         self.method = method
         self.method_options = dict(method_options or {})
@@ -189,6 +203,10 @@ class TunedModule(L.LightningModule):
         if self.adapter_path:
             load_adapter(part, self.adapter_path)
             load_task_head(network, part, self.adapter_path)
+        if self.activation_checkpointing:
+            set_activation_checkpointing(part)
+        if self.frozen_precision:
+            set_frozen_precision(part, self.frozen_precision)
         self.model = network
 
     @property
