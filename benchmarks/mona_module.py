@@ -1,11 +1,20 @@
-"""Mona module forward+backward: monatune's fast path against the release's structure.
+"""Mona module forward+backward: monatune's implementations against the release's structure.
 
-The release's structure (re-written here for comparison): three separate depthwise
-convolutions, averaged, plus the identity; a separate 1x1 projector with its skip; (B, N, C)
-tokens reshaped to NCHW and back. Both run the same parameters on the same input, side by side
-in one process, at the token-map shapes of Swin-B's four stages for a batch of 4 at 224x224.
+Runs one ``Mona`` at the token-map shape of each Swin-B stage (batch 4 at 224x224 by default),
+training mode (dropout 0.1 live), forward plus backward of a random output gradient, with the
+three implementations of the same module (``Mona.impl``) side by side in one process:
 
-    python benchmarks/mona_module.py [--batch 4] [--repeats 20] [--threads 2]
+- ``release``: the release's structure (three depthwise convolutions, separate projector skip,
+  NCHW view);
+- ``plain``: the assembled kernel as ordinary autograd operations;
+- ``fused``: monatune's default, one autograd function with a hand-written backward.
+
+A fourth column times only the work every correct implementation must do in fp32: the nine
+GEMMs of the three linear layers (forward, input and weight gradients) and one 7x7 depthwise
+convolution with its input and kernel gradients. ``release / floor`` bounds the speed-up any
+implementation of the same arithmetic could reach on this machine.
+
+    python benchmarks/mona_module.py [--batch 4] [--repeats 21] [--threads 2]
 """
 from __future__ import annotations
 
@@ -19,19 +28,7 @@ import torch.nn.functional as F
 
 from monatune.adapters.mona import Mona
 
-
-def release_forward(mona: Mona, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    identity = x
-    z = mona.norm(x) * mona.gamma + x * mona.gammax
-    p = mona.project1(z)
-    b, n, c = p.shape
-    m = p.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2)
-    op = mona.adapter_conv
-    convs = op.convs()
-    m = sum(F.conv2d(m, cv.weight, cv.bias, padding=cv.kernel_size[0] // 2, groups=c) for cv in convs) / len(convs) + m
-    m = F.conv2d(m, op.projector.weight, op.projector.bias) + m
-    m = m.permute(0, 2, 3, 1).reshape(b, n, c)
-    return identity + mona.project2(mona.dropout(F.gelu(m)))
+STAGES = [(56, 128), (28, 256), (14, 512), (7, 1024)]  # Swin-B at 224: (side, channels)
 
 
 def timed(fn, repeats: int, warmup: int = 3) -> float:
@@ -45,33 +42,58 @@ def timed(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def floor_step(batch: int, side: int, dim: int, r: int = 64):
+    """The GEMMs and the one depthwise convolution (with both its gradients) of a Mona step."""
+    M = batch * side * side
+    z, dout = torch.randn(M, dim), torch.randn(M, dim)
+    W1, P, W2, h = torch.randn(r, dim), torch.randn(r, r), torch.randn(dim, r), torch.randn(M, r)
+    d = torch.randn(batch, side, side, r).permute(0, 3, 1, 2)  # channels-last NCHW view
+    K, kb = torch.randn(r, 1, 7, 7), torch.randn(r)
+    conv = ([r], [1, 1], [3, 3], [1, 1], False, [0, 0], r)
+
+    def run():
+        z @ W1.t(), h @ P.t(), h @ W2.t()  # forward
+        dout @ W2, dout.t() @ h, h @ P, h.t() @ h, h @ W1, h.t() @ z  # backward
+        o = F.conv2d(d, K, kb, padding=3, groups=r)
+        torch.ops.aten.convolution_backward(o, d, K, *conv, [True, False, False])
+        torch.ops.aten.convolution_backward(o, d, K, *conv, [False, True, False])
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, batch {args.batch}")
-    print("| stage | map (B, H, W, C) | release structure ms | monatune ms | release / monatune |")
-    print("|---|---|---|---|---|")
-    for stage, (side, dim) in enumerate([(56, 128), (28, 256), (14, 512), (7, 1024)]):
-        mona = Mona(dim)
-        x = torch.randn(args.batch, side * side, dim, requires_grad=True)
+    print("| stage | map (B, H, W, C) | release ms | plain ms | fused ms | floor ms | release / fused | release / floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for stage, (side, dim) in enumerate(STAGES):
+        mona = Mona(dim).train()
+        x = torch.randn(args.batch, side, side, dim, requires_grad=True)
+        grad = torch.randn_like(x)
 
-        def release_step():
-            release_forward(mona, x, (side, side)).sum().backward()
+        def step(impl):
+            def run():
+                mona.impl = impl
+                mona(x).backward(grad)
+            return run
 
-        def fast_step():
-            mona(x.unflatten(1, (side, side))).sum().backward()
-
-        # Alternate the two so that drift in machine speed hits both alike.
-        t_release, t_fast = [], []
+        fns = {"release": step("release"), "plain": step("plain"), "fused": step("fused"), "floor": floor_step(args.batch, side, dim)}
+        # Alternate the four in 3 rounds so that drift in machine speed hits all alike.
+        times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(3):
-            t_release.append(timed(release_step, args.repeats // 3 or 1))
-            t_fast.append(timed(fast_step, args.repeats // 3 or 1))
-        r, f = statistics.median(t_release), statistics.median(t_fast)
-        print(f"| {stage} | ({args.batch}, {side}, {side}, {dim}) | {r * 1e3:.2f} | {f * 1e3:.2f} | {r / f:.2f} |")
+            for name, fn in fns.items():
+                times[name].append(timed(fn, max(args.repeats // 3, 1)))
+        t = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        print(
+            f"| {stage} | ({args.batch}, {side}, {side}, {dim}) | {t['release']:.2f} | {t['plain']:.2f} | {t['fused']:.2f} "
+            f"| {t['floor']:.2f} | {t['release'] / t['fused']:.2f} | {t['release'] / t['floor']:.2f} |"
+        )
 
 
 if __name__ == "__main__":
