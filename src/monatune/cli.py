@@ -61,6 +61,49 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import WorkerError, run_bench
+
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-kwargs is not valid JSON ({e}): {args.model_kwargs!r}") from None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    height, sep, width = args.input_size.lower().partition("x")
+    if not (height.isdigit() and (width.isdigit() or not sep)):
+        raise ValueError(f"--input-size is a side or HxW (224, 224x320), got {args.input_size!r}")
+    try:
+        result = run_bench(
+            args.backbone,
+            [m.strip() for m in args.methods.split(",") if m.strip()],
+            batch_size=args.batch_size,
+            input_size=(int(height), int(width or height)),
+            device=args.device,
+            steps=args.steps,
+            warmup=args.warmup,
+            rounds=args.rounds,
+            threads=args.threads,
+            num_classes=args.num_classes,
+            model_kwargs=kwargs,
+            method_options=_options(args.method_option),
+            precision=args.precision,
+            checkpointing=args.checkpointing,
+            frozen_precision=args.frozen_precision,
+            compile_model=args.compile,
+            progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except WorkerError as e:
+        print(f"monatune bench: error: {e}", file=sys.stderr)
+        return 2
+    print(result.to_json() if args.json else result.to_markdown().rstrip("\n"))
+    if args.output:
+        json_path, md_path = result.save(args.output)
+        if not args.quiet:
+            print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -107,6 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", metavar="JSON", help='extra timm.create_model arguments, e.g. \'{"depths": [2, 2, 6, 2]}\'')
     p.add_argument("--allow-pickle", action="store_true", help="allow a full unpickle (runs code in the file)")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("bench", help="training-step and inference time, peak memory, trainable parameters per method")
+    p.add_argument("--backbone", default="swin_base_patch4_window7_224", help="timm model (default: Swin-B)")
+    p.add_argument(
+        "--methods", default="full,mona,mona-release,fixed", help="comma-separated; also mona-release, mona-plain"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="(default: 4)")
+    p.add_argument("--input-size", default="224", metavar="SIZE", help="a side or HxW (default: 224)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="default: cuda when available")
+    p.add_argument("--steps", type=int, default=5, help="timed steps, median reported (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
+    p.add_argument("--rounds", type=int, default=1, help="repeats of all methods, median reported (default: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--num-classes", type=int, default=1000, help="(default: 1000)")
+    p.add_argument("--model-kwargs", metavar="JSON", help='extra timm.create_model arguments, e.g. \'{"depths": [2, 2, 6, 2]}\'')
+    p.add_argument("--method-option", "-o", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+    p.add_argument("--precision", choices=("32", "bf16-mixed", "16-mixed"), default="32", help="autocast (default: 32)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (not for full)")
+    p.add_argument("--frozen-precision", choices=("bf16", "fp16"), help="frozen weights in this dtype (not for full)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (the warm-up compiles)")
+    p.add_argument("--output", metavar="DIR", help="also write DIR/bench.json and DIR/bench.md")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
