@@ -241,3 +241,50 @@ def test_unknown_implementation_is_named():
     mona.impl = "fast"
     with pytest.raises(ValueError, match="unknown Mona implementation"):
         mona(torch.randn(1, 2, 2, 8))
+
+
+def test_fused_backward_keeps_its_output_not_its_input():
+    """For backward the fused path keeps the output (which the next LayerNorm keeps anyway) and
+    bottleneck-wide maps: no second stream-wide tensor, and less than the plain path keeps."""
+    mona = randomize(Mona(96, bottleneck=16)).train()
+    x = torch.randn(2, 8, 8, 96, requires_grad=True)
+    weights = {p.untyped_storage().data_ptr() for p in mona.parameters()}
+
+    def kept(impl):
+        mona.impl = impl
+        tensors = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: tensors.append(t) or t, lambda t: t):
+            out = mona(x)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return out, {k: v for k, v in storages.items() if k not in weights}
+
+    out, fused = kept("fused")
+    wide = {k for k, v in fused.items() if v >= out.numel() * out.element_size()}
+    assert wide == {out.untyped_storage().data_ptr()}
+    rows = x.numel() // 96
+    per_row = 16 * 4 + 16 + 2 * 4  # the 16-channel map, the dropout mask, two statistics
+    folded = 2 * 96 * 4 + 16 * 49 * 4 + 16 * 16 * 4 + 16 * 4  # scaled affine, assembled kernel and projector
+    assert sum(fused.values()) - out.numel() * 4 <= rows * per_row + folded
+    _, plain = kept("plain")
+    assert sum(fused.values()) < sum(plain.values())
+    # The input is recovered from the output, so gradients still match the plain path's.
+    mona.impl = "fused"
+    torch.manual_seed(3)
+    mona(x).square().sum().backward()
+    fused_grads = [x.grad.clone()] + [p.grad.clone() for p in mona.parameters()]
+    x.grad = None
+    mona.zero_grad(set_to_none=True)
+    mona.impl = "plain"
+    torch.manual_seed(3)
+    mona(x).square().sum().backward()
+    for a, b in zip(fused_grads, [x.grad] + [p.grad for p in mona.parameters()]):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_changing_the_fused_output_in_place_is_refused():
+    """Backward needs the output as it was: autograd refuses in-place changes instead of giving wrong gradients."""
+    mona = randomize(Mona(16, dropout=0.0))
+    out = mona(torch.randn(2, 4, 4, 16, requires_grad=True))
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.mul_(2)
+        out.sum().backward()

@@ -23,14 +23,15 @@ NCHW layout.
 Three implementations of the same function (``Mona.impl``, or :func:`set_mona_impl` for a
 whole model):
 
-- ``"fused"`` (default): one autograd function with a hand-written backward. The LayerNorm's
-  affine and both scales are folded into the down-projection (``z @ W1^T`` becomes
-  ``n @ (W1 diag(w*gamma))^T + x @ (W1 diag(gammax))^T`` plus a folded bias), so the wide
-  C-channel stream gets no elementwise passes of its own; the output residual is accumulated
-  by the up-projection's GEMM; the depthwise backward asks for the input and the kernel
-  gradients in two calls (one combined call is several times slower on CPU); backward
-  saves only the input, two LayerNorm statistics and three bottleneck-wide maps, and
-  recomputes the normalised input. Pure PyTorch: no compiled extension.
+- ``"fused"`` (default): one autograd function with a hand-written backward. ``gamma`` is
+  folded into the LayerNorm's affine, so the scaled LayerNorm takes one LayerNorm call and one
+  in-place pass over the wide C-channel stream; the output residual is accumulated by the
+  up-projection's GEMM; the depthwise backward asks for the input and the kernel
+  gradients in two calls (one combined call is several times slower on CPU). For backward it
+  keeps the output (the next layer, usually a LayerNorm, keeps that same tensor, so it
+  costs nothing), two LayerNorm statistics, the down-projected 64-channel map and the
+  dropout mask; it recovers the input as ``out - up(h)`` and recomputes the other bottleneck
+  maps and the normalised input. Pure PyTorch: no compiled extension.
 - ``"plain"``: the same assembled kernel written as ordinary autograd operations. Used under
   autocast, inside ``torch.compile`` (so the compiler sees plain operations, no graph
   break), for double backward, and as the reference of the fused path's tests.
@@ -144,12 +145,24 @@ class _MonaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, t, gammax, W1, b1, K, kb, P, bp, W2, b2, layout, keep, scale, eps):  # type: ignore[override]
-        batch, prefix, hw = layout
         C = x.shape[-1]
         x2 = x.reshape(-1, C)
         z, mu, rstd = torch.native_layer_norm(x2, [C], s, t, eps)
         d = torch.addmm(b1, z.addcmul_(x2, gammax), W1.t())
         del z
+        h = _MonaFunction._bottleneck(d, K, kb, P, bp, layout, keep, scale)[1]
+        out = torch.add(x2, b2).addmm_(h, W2.t()).view(x.shape)  # the residual and bias in one pass
+        # Saved: the output (the next layer, usually a LayerNorm, stores the same tensor, so it
+        # costs nothing extra), the LayerNorm statistics and the bottleneck map d. The input is
+        # recovered as out - up(h), and the maps after d are recomputed from it.
+        ctx.save_for_backward(out, mu, rstd, d, keep, s, t, gammax, W1, K, kb, P, bp, W2, b2)
+        ctx.layout, ctx.scale, ctx.eps = layout, scale, eps
+        return out
+
+    @staticmethod
+    def _bottleneck(d, K, kb, P, bp, layout, keep, scale):
+        """From the down-projected rows d: the filtered map m, the projector output q and h."""
+        batch, prefix, hw = layout
         pad = K.shape[-1] // 2
         m_grid = F.conv2d(_grid(d, batch, prefix, hw), K, kb, padding=pad, groups=K.shape[0])
         pre = None
@@ -160,34 +173,30 @@ class _MonaFunction(torch.autograd.Function):
         h = F.gelu(q)
         if keep is not None:
             h.mul_(keep).mul_(scale)
-        out = torch.addmm(x2, h, W2.t()).add_(b2)
-        ctx.save_for_backward(x2, mu, rstd, d, m, q, keep, s, t, gammax, W1, K, P, W2)
-        ctx.layout, ctx.scale, ctx.eps = layout, scale, eps
-        return out.view(x.shape)
+        return m, h, q
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
-        x2, mu, rstd, d, m, q, keep, s, t, gammax, W1, K, P, W2 = ctx.saved_tensors
+        out, mu, rstd, d, keep, s, t, gammax, W1, K, kb, P, bp, W2, b2 = ctx.saved_tensors
         batch, prefix, hw = ctx.layout
         shape = dout.shape
-        C, r = x2.shape[-1], d.shape[-1]
+        C, r = out.shape[-1], d.shape[-1]
         dout2 = dout.reshape(-1, C)
-        h = F.gelu(q)
-        if keep is not None:
-            h.mul_(keep).mul_(ctx.scale)
+        m, h, q = _MonaFunction._bottleneck(d, K, kb, P, bp, ctx.layout, keep, ctx.scale)
         dW2 = dout2.t().mm(h)
         db2 = dout2.sum(0)
+        x2 = torch.sub(out.view(-1, C), b2).addmm_(h, W2.t(), alpha=-1)  # the input: out - up(h)
         del h
         dh = dout2.mm(W2)
         if keep is not None:
             dh.mul_(keep).mul_(ctx.scale)
         dq = torch.ops.aten.gelu_backward(dh, q)
-        del dh
+        del dh, q
         dP = dq.t().mm(m)
         dbp = dq.sum(0)
         dm = dq.mm(P)
-        del dq
+        del dq, m
         dkb = dm.sum(0)
         pad = K.shape[-1] // 2
         dm_grid, d_grid = _grid(dm, batch, prefix, hw), _grid(d, batch, prefix, hw)
