@@ -32,7 +32,6 @@ import copy
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -43,17 +42,16 @@ import monatune
 from monatune.adapters.mona import Mona
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mona_module import floor_step  # noqa: E402
+from mona_module import floor_step, timed  # noqa: E402
 
 
-def median_time(fn, steps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def alternate(fns: dict, rounds: int, steps: int) -> tuple[dict, dict]:
+    """Run the functions in turn, ``rounds`` times: per-round medians (s) and their medians (ms)."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, steps, warmup=1))
+    return times, {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 
 class bypassed:
@@ -139,11 +137,7 @@ def main() -> None:
             tuned(images)
 
     inference = {"mona": infer_mona, "bypass": infer_bypass, "gemm floor": gemm_floor(shapes)}
-    t_inf = {k: [] for k in inference}
-    for _ in range(args.rounds):
-        for name, fn in inference.items():
-            t_inf[name].append(median_time(fn, args.steps))
-    inf = {k: statistics.median(v) * 1e3 for k, v in t_inf.items()}
+    t_inf, inf = alternate(inference, args.rounds, args.steps)
 
     # --- training step -----------------------------------------------------------------------
     full.train()
@@ -168,11 +162,7 @@ def main() -> None:
 
     training = {"full": step(full, opt_full, images), "mona": step(tuned, opt_tuned, images),
                 "bypass+input grad": step_bypass, "mona floor": step_floor(shapes)}
-    t_step = {k: [] for k in training}
-    for _ in range(args.rounds):
-        for name, fn in training.items():
-            t_step[name].append(median_time(fn, args.steps))
-    st = {k: statistics.median(v) * 1e3 for k, v in t_step.items()}
+    t_step, st = alternate(training, args.rounds, args.steps)
     stem.remove()
 
     print("\n| inference | ms |\n|---|---:|")
