@@ -288,3 +288,16 @@ def test_changing_the_fused_output_in_place_is_refused():
     with pytest.raises(RuntimeError, match="inplace"):
         out.mul_(2)
         out.sum().backward()
+
+
+def test_fused_inference_skips_autograd_and_gives_the_same_output():
+    mona = randomize(Mona(32, bottleneck=8)).eval()
+    x = torch.randn(2, 6, 6, 32)
+    with_grad = mona(x)
+    assert with_grad.grad_fn is not None and "MonaFunction" in type(with_grad.grad_fn).__name__
+    with torch.inference_mode():
+        fast = mona(x)
+    assert fast.grad_fn is None and torch.equal(fast, with_grad.detach())
+    mona.impl = "plain"
+    with torch.no_grad():
+        assert rel_err(fast, mona(x)) < 1e-6

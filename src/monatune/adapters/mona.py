@@ -144,7 +144,8 @@ class _MonaFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, s, t, gammax, W1, b1, K, kb, P, bp, W2, b2, layout, keep, scale, eps):  # type: ignore[override]
+    def run(x, s, t, gammax, W1, b1, K, kb, P, bp, W2, b2, layout, keep, scale, eps):
+        """The forward computation: the output, the LayerNorm statistics and the down-projected rows."""
         C = x.shape[-1]
         x2 = x.reshape(-1, C)
         z, mu, rstd = torch.native_layer_norm(x2, [C], s, t, eps)
@@ -152,6 +153,11 @@ class _MonaFunction(torch.autograd.Function):
         del z
         h = _MonaFunction._bottleneck(d, K, kb, P, bp, layout, keep, scale)[1]
         out = torch.add(x2, b2).addmm_(h, W2.t()).view(x.shape)  # the residual and bias in one pass
+        return out, mu, rstd, d
+
+    @staticmethod
+    def forward(ctx, x, s, t, gammax, W1, b1, K, kb, P, bp, W2, b2, layout, keep, scale, eps):  # type: ignore[override]
+        out, mu, rstd, d = _MonaFunction.run(x, s, t, gammax, W1, b1, K, kb, P, bp, W2, b2, layout, keep, scale, eps)
         # Saved: the output (the next layer, usually a LayerNorm, stores the same tensor, so it
         # costs nothing extra), the LayerNorm statistics and the bottleneck map d. The input is
         # recovered as out - up(h), and the maps after d are recomputed from it.
@@ -327,11 +333,14 @@ class Mona(nn.Module):
         proj = self.adapter_conv.projector
         W1 = self.project1.weight
         Pm = proj.weight.flatten(1) + torch.eye(r, dtype=W1.dtype, device=W1.device)  # projector + its skip
-        return _MonaFunction.apply(
+        args = (
             x, self.norm.weight * self.gamma, self.norm.bias * self.gamma, self.gammax, W1, self.project1.bias,
             K, kb, Pm, proj.bias, self.project2.weight, self.project2.bias,
             (x.shape[0], P, hw), None if keep is None else keep.view(-1, r), 1.0 / (1.0 - self.dropout.p), self.norm.eps,
         )
+        if not torch.is_grad_enabled():  # inference: no autograd bookkeeping
+            return _MonaFunction.run(*args)[0]
+        return _MonaFunction.apply(*args)
 
     def _plain(self, x: Tensor, hw: tuple[int, int], P: int, keep: Tensor | None) -> Tensor:
         z = self.project1(self.norm(x) * self.gamma + x * self.gammax)
