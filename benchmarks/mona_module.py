@@ -14,7 +14,7 @@ GEMMs of the three linear layers (forward, input and weight gradients) and one 7
 convolution with its input and kernel gradients. ``release / floor`` bounds the speed-up any
 implementation of the same arithmetic could reach on this machine.
 
-    python benchmarks/mona_module.py [--batch 4] [--repeats 21] [--threads 2]
+    python benchmarks/mona_module.py [--batch 4] [--repeats 21] [--threads 2] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -31,24 +31,32 @@ from monatune.adapters.mona import Mona
 STAGES = [(56, 128), (28, 256), (14, 512), (7, 1024)]  # Swin-B at 224: (side, channels)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def floor_step(batch: int, side: int, dim: int, r: int = 64):
+def floor_step(batch: int, side: int, dim: int, r: int = 64, device: str = "cpu"):
     """The GEMMs and the one depthwise convolution (with both its gradients) of a Mona step."""
     M = batch * side * side
-    z, dout = torch.randn(M, dim), torch.randn(M, dim)
-    W1, P, W2, h = torch.randn(r, dim), torch.randn(r, r), torch.randn(dim, r), torch.randn(M, r)
-    d = torch.randn(batch, side, side, r).permute(0, 3, 1, 2)  # channels-last NCHW view
-    K, kb = torch.randn(r, 1, 7, 7), torch.randn(r)
+    randn = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    z, dout = randn(M, dim), randn(M, dim)
+    W1, P, W2, h = randn(r, dim), randn(r, r), randn(dim, r), randn(M, r)
+    d = randn(batch, side, side, r).permute(0, 3, 1, 2)  # channels-last NCHW view
+    K, kb = randn(r, 1, 7, 7), randn(r)
     conv = ([r], [1, 1], [3, 3], [1, 1], False, [0, 0], r)
 
     def run():
@@ -66,15 +74,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, batch {args.batch}")
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+    print(f"torch {torch.__version__}, {where}, {args.threads} threads, batch {args.batch}")
     print("| stage | map (B, H, W, C) | release ms | plain ms | fused ms | floor ms | release / fused | release / floor |")
     print("|---|---|---|---|---|---|---|---|")
     for stage, (side, dim) in enumerate(STAGES):
-        mona = Mona(dim).train()
-        x = torch.randn(args.batch, side, side, dim, requires_grad=True)
+        mona = Mona(dim).to(args.device).train()
+        x = torch.randn(args.batch, side, side, dim, device=args.device, requires_grad=True)
         grad = torch.randn_like(x)
 
         def step(impl):
@@ -83,7 +93,7 @@ def main() -> None:
                 mona(x).backward(grad)
             return run
 
-        fns = {"release": step("release"), "plain": step("plain"), "fused": step("fused"), "floor": floor_step(args.batch, side, dim)}
+        fns = {"release": step("release"), "plain": step("plain"), "fused": step("fused"), "floor": floor_step(args.batch, side, dim, device=args.device)}
         # Alternate the four in 3 rounds so that drift in machine speed hits all alike.
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(3):

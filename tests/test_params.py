@@ -60,3 +60,12 @@ def test_console_script_is_installed():
     assert Path(script).exists(), "the `monatune` console script is missing: pip install the package first"
     out = subprocess.run([script, "params", "swin_large_patch4_window7_224", "--json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["adapter"] == 5_267_712
+
+
+def test_python_dash_m_runs_the_same_command():
+    out = subprocess.run([sys.executable, "-m", "monatune", "params", "swin_large_patch4_window7_224", "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["adapter"] == 5_267_712
+    bad = subprocess.run([sys.executable, "-m", "monatune", "params", "no_such_model_xyz"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no_such_model_xyz" in bad.stderr
