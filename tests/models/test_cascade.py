@@ -6,16 +6,17 @@ import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, generalized_box_iou_loss
+from torchvision.ops import FeaturePyramidNetwork, generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from monatune.models.detection.cascade import (
     RELEASE_BBOX_REG_WEIGHTS,
     CascadeBoxPredictor,
+    CascadeMaskHead,
     CascadeMaskRCNN,
     cascade_box_loss,
 )
+from monatune.models.detection.roi import LevelRoIAlign
 
 NUM_CLASSES = 3  # background + 2
 
@@ -51,11 +52,11 @@ def tiny_model(**kwargs):
         min_size=64, max_size=96,
         rpn_anchor_generator=AnchorGenerator(((8,), (16,), (32,)), ((0.5, 1.0, 2.0),) * 3),
         rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
-        box_roi_pool=MultiScaleRoIAlign(names, 7, 2), mask_roi_pool=MultiScaleRoIAlign(names, 14, 2),
+        box_roi_pool=LevelRoIAlign(names, 7, (4, 8)), mask_roi_pool=LevelRoIAlign(names, 14, (4, 8)),
         box_heads=[FastRCNNConvFCHead((32, 7, 7), [16], [64], norm_layer=nn.BatchNorm2d) for _ in range(3)],
         box_predictors=[CascadeBoxPredictor(64, NUM_CLASSES) for _ in range(3)],
         box_batch_size_per_image=64,
-        mask_head=MaskRCNNHeads(32, [16], 1), mask_predictor=MaskRCNNPredictor(16, 16, NUM_CLASSES),
+        mask_heads=[CascadeMaskHead(32, NUM_CLASSES, channels=16, num_convs=1) for _ in range(3)],
     )
     options.update(kwargs)
     return CascadeMaskRCNN(TinyBackbone(), NUM_CLASSES, **options)
@@ -81,8 +82,8 @@ def losses_of(model, seed=0):
 
 def test_training_returns_every_loss_finite():
     losses = losses_of(tiny_model())
-    stages = {f"loss_{k}_s{t}" for k in ("classifier", "box_reg") for t in range(3)}
-    assert set(losses) == stages | {"loss_objectness", "loss_rpn_box_reg", "loss_mask"}
+    stages = {f"loss_{k}_s{t}" for k in ("classifier", "box_reg", "mask") for t in range(3)}
+    assert set(losses) == stages | {"loss_objectness", "loss_rpn_box_reg"}
     for name, value in losses.items():
         assert value.ndim == 0 and torch.isfinite(value), name
 
@@ -94,7 +95,8 @@ def test_every_stage_and_head_gets_gradients():
     heads = model.roi_heads
     parts = {f"stages.{t}.predictor.bbox_pred": s.predictor.bbox_pred for t, s in enumerate(heads.stages)}
     parts |= {f"stages.{t}.head": s.head for t, s in enumerate(heads.stages)}
-    parts |= {"mask_predictor": heads.mask_predictor, "rpn.head": model.rpn.head, "backbone": model.backbone}
+    parts |= {f"mask_heads.{t}": m for t, m in enumerate(heads.mask_heads)}
+    parts |= {"rpn.head": model.rpn.head, "backbone": model.backbone}
     for name, module in parts.items():
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), name
@@ -104,11 +106,10 @@ def test_stage_loss_weights_scale_each_stage():
     weighted = losses_of(tiny_model())  # release: 1 / 0.5 / 0.25
     plain = losses_of(tiny_model(stage_loss_weights=(1.0, 1.0, 1.0)))
     for t, w in enumerate((1.0, 0.5, 0.25)):
-        for kind in ("classifier", "box_reg"):
+        for kind in ("classifier", "box_reg", "mask"):
             key = f"loss_{kind}_s{t}"
             assert plain[key] > 0
             torch.testing.assert_close(weighted[key], w * plain[key])
-    torch.testing.assert_close(weighted["loss_mask"], plain["loss_mask"])
 
 
 def test_giou_weight_scales_box_losses_only():
@@ -253,16 +254,18 @@ def test_defaults_are_the_release_configuration():
     assert weights[2] == pytest.approx((30.303, 30.303, 14.925, 14.925), abs=1e-3)
     assert (heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction) == (512, 0.25)
     assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img, heads.box_loss_weight) == (0.05, 0.5, 100, 10.0)
-    assert heads.box_roi_pool.output_size == (7, 7) and heads.box_roi_pool.sampling_ratio == 2
-    assert heads.mask_roi_pool.output_size == (14, 14)
-    for stage in heads.stages:  # "4conv1fc": four 3x3 convs of 256 with a norm, one fc of 1024, class-agnostic boxes
+    for pool, size in ((heads.box_roi_pool, 7), (heads.mask_roi_pool, 14)):  # mmcv RoIAlign: aligned, adaptive
+        assert isinstance(pool, LevelRoIAlign) and pool.output_size == (size, size) and pool.sampling_ratio == 0
+        assert pool.strides == [4, 8, 16, 32] and pool.finest_scale == 56
+    for stage in heads.stages:  # "4conv1fc": four 3x3 convs of 256 with a norm, one fc of 1024, boxes per class
         convs = [m for m in stage.head.modules() if isinstance(m, nn.Conv2d)]
         assert [(c.out_channels, c.kernel_size) for c in convs] == [(256, (3, 3))] * 4
         assert sum(isinstance(m, nn.BatchNorm2d) for m in stage.head.modules()) == 4
         assert [m.out_features for m in stage.head.modules() if isinstance(m, nn.Linear)] == [1024]
-        assert (stage.predictor.cls_score.out_features, stage.predictor.bbox_pred.out_features) == (81, 4)
-    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 81
-    assert heads.score_average == "probs"
+        assert (stage.predictor.cls_score.out_features, stage.predictor.bbox_pred.out_features) == (81, 320)
+    assert len(heads.mask_heads) == 3  # FCNMaskHead per stage: 80 mask channels, no background
+    assert all(m.predictor.mask_fcn_logits.out_channels == 80 for m in heads.mask_heads)
+    assert heads.score_average == "logits"
 
 
 def test_giou_box_loss_hand_case():
@@ -313,4 +316,105 @@ def test_background_only_image_trains():
     }
     torch.manual_seed(0)
     losses = tiny_model()(images, targets)
-    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_mask"] > 0
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_mask_s0"] > 0
+
+
+# --- the release's CascadeRoIHead (mmdetection 2.11): class-specific boxes, a mask head per stage ---
+
+
+class ClassPredictor(nn.Module):
+    """Constant logits and class-specific deltas: class 1 moves a box right, class 2 moves it down."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+        self.deltas = torch.tensor([10.0, 0.0, 0.0, 0.0, 0.0, 10.0, 0.0, 0.0])  # weights (10, 10, 5, 5): one width
+
+    def forward(self, x):
+        n = x.shape[0]
+        return self.logits.expand(n, -1), self.deltas.expand(n, -1)
+
+
+def test_predictor_regresses_per_foreground_class():
+    predictor = CascadeBoxPredictor(8, 81)
+    assert predictor.bbox_pred.out_features == 320
+    assert CascadeBoxPredictor(8, 81, class_agnostic=True).bbox_pred.out_features == 4
+    assert tiny_model().roi_heads.stages[0].predictor.bbox_pred.out_features == 4 * (NUM_CLASSES - 1)
+
+
+def test_training_refines_positives_by_gt_class_and_negatives_by_best_class(monkeypatch):
+    model = tiny_model(box_batch_size_per_image=1000, box_positive_fraction=1.0)
+    heads = model.roi_heads
+    for stage in heads.stages:
+        stage.predictor = ClassPredictor([0.0, 3.0, 0.0])  # best foreground class: 1 (right)
+    gt = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+    targets = [{"boxes": gt, "labels": torch.tensor([2]), "masks": torch.ones(1, 64, 64, dtype=torch.uint8)}]
+    proposals = [torch.tensor([[10.0, 10.0, 30.0, 28.0], [40.0, 40.0, 50.0, 50.0]])]  # IoU 0.9 (label 2), 0 (negative)
+    seen = []
+    sample = heads._sample
+    monkeypatch.setattr(heads, "_sample", lambda stage, boxes, tg: seen.append(boxes[0].clone()) or sample(stage, boxes, tg))
+    features = model.backbone(torch.rand(1, 3, 64, 64))
+    heads.train()
+    heads(features, proposals, [(64, 64)], targets)
+    second = {tuple(b.tolist()) for b in seen[1]}
+    # positive -> its gt class 2: one height down (clipped to 64); negative -> class 1: one width right (clipped)
+    assert second == {(10.0, 28.0, 30.0, 46.0), (50.0, 40.0, 60.0, 50.0)}
+
+
+def test_inference_refines_by_the_predicted_class_and_keeps_per_class_boxes():
+    model = tiny_model(box_score_thresh=0.0).eval()
+    heads = model.roi_heads
+    for stage in heads.stages:
+        stage.predictor = ClassPredictor([0.0, 0.0, 3.0])  # predicted class 2: down
+    features = model.backbone(torch.rand(1, 3, 128, 128))
+    proposal = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+    with torch.no_grad():
+        result, _ = heads(features, [proposal], [(128, 128)])
+    # stages 0 and 1 refine with class 2 (dy = 10 / weight_y of one height), the last stage decodes every class
+    box = proposal.clone()
+    for weights in RELEASE_BBOX_REG_WEIGHTS[:2]:
+        box = box + 10.0 / weights[1] * (box[:, 3] - box[:, 1]) * torch.tensor([0.0, 1, 0, 1])
+    last = RELEASE_BBOX_REG_WEIGHTS[2]
+    by_label = dict(zip(result[0]["labels"].tolist(), result[0]["boxes"]))
+    height, width = box[0, 3] - box[0, 1], box[0, 2] - box[0, 0]
+    torch.testing.assert_close(by_label[2], box[0] + 10.0 / last[1] * height * torch.tensor([0.0, 1, 0, 1]))
+    torch.testing.assert_close(by_label[1], box[0] + 10.0 / last[0] * width * torch.tensor([1.0, 0, 1, 0]))
+
+
+class ConstantMasks(nn.Module):
+    def __init__(self, value_per_class):
+        super().__init__()
+        self.values = torch.tensor(value_per_class)
+
+    def forward(self, x):
+        return self.values[None, :, None, None].expand(x.shape[0], -1, 28, 28)
+
+
+def test_masks_average_every_stage_probabilities_on_the_final_boxes():
+    model = tiny_model(box_score_thresh=0.0).eval()
+    heads = model.roi_heads
+    for stage in heads.stages:
+        stage.predictor = ClassPredictor([0.0, 0.0, 3.0])
+    stage_logits = [[0.0, 4.0], [0.0, -2.0], [0.0, 0.5]]  # per stage: class 1, class 2 mask logits
+    heads.mask_heads = nn.ModuleList(ConstantMasks(v) for v in stage_logits)
+    features = model.backbone(torch.rand(1, 3, 128, 128))
+    with torch.no_grad():
+        result, _ = heads(features, [torch.tensor([[10.0, 10.0, 30.0, 30.0]])], [(128, 128)])
+    logits = torch.tensor(stage_logits)
+    for label, masks in zip(result[0]["labels"].tolist(), result[0]["masks"]):
+        expected = logits[:, label - 1].sigmoid().mean()  # the mean of the stages' sigmoids, not sigmoid of the mean
+        assert masks.shape == (1, 28, 28)
+        torch.testing.assert_close(masks, expected.expand(1, 28, 28))
+    assert not torch.isclose(logits[:, 1].sigmoid().mean(), logits[:, 1].mean().sigmoid())
+    # class 2: (0.982 + 0.119 + 0.622) / 3 = 0.574, where the sigmoid of the mean logit (0.833) would give 0.697
+
+
+def test_each_stage_trains_its_mask_head_on_its_positives_with_binary_targets():
+    model = tiny_model()
+    images, targets = batch()
+    torch.manual_seed(0)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    for t, head in enumerate(model.roi_heads.mask_heads):
+        assert losses[f"loss_mask_s{t}"] > 0
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters()), t
