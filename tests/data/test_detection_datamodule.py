@@ -316,3 +316,24 @@ def test_train_loader_splits_across_processes(coco_root, monkeypatch):
         shares.append([i for i, _ in dm.train_dataloader().sampler])
     assert len(shares[0]) == len(shares[1]) == N_TRAIN // 2
     assert sorted(shares[0] + shares[1]) == list(range(N_TRAIN))
+
+
+def test_training_drops_images_without_annotations_as_mmdet(own_coco):
+    """mmdet's filter_empty_gt: no annotation (crowd ones count) or a side under 32 px -> not trained on."""
+    path = own_coco / "annotations" / "instances_train.json"
+    data = json.loads(path.read_text())
+    ids = sorted(im["id"] for im in data["images"])
+    empty, crowd_only, tiny = ids[0], ids[1], ids[2]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != empty]
+    for a in data["annotations"]:
+        if a["image_id"] == crowd_only:
+            a["iscrowd"] = 1
+    next(im for im in data["images"] if im["id"] == tiny).update(height=31)
+    path.write_text(json.dumps(data))
+    dm = coco_data(own_coco, on_bad_image="skip")  # the tiny image's file no longer matches its size; never read
+    kept = set(dm.train_set.image_ids)
+    assert empty not in kept and tiny not in kept and crowd_only in kept
+    assert dm.train_filtered == 2 and len(dm.train_set) == N_TRAIN - 2
+    assert len(coco_data(own_coco, on_bad_image="skip", filter_empty_gt=False).train_set) == N_TRAIN
+    # evaluation splits keep every image
+    assert len(dm.val_set) == N_VAL

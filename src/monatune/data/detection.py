@@ -164,6 +164,24 @@ class DetectionDataset(Dataset):
         target["path"] = self._paths[i]
         return target
 
+    def subset(self, indices: Sequence[int]) -> "DetectionDataset":
+        """The items at ``indices``, with this set's classes, transforms and settings."""
+        return DetectionDataset(
+            [self._paths[i] for i in indices], [self._sizes[i] for i in indices], [self._targets[i] for i in indices],
+            [self.image_ids[i] for i in indices], self.classes, self.cat_ids, problems=self.problems, masks=self.masks,
+            transforms=self.transforms, on_bad_image=self.on_bad_image,
+        )  # fmt: skip
+
+    def training_subset(self, min_size: int = 32) -> tuple["DetectionDataset", int]:
+        """mmdetection 2.x's training filter (``filter_empty_gt=True``, ``_filter_imgs(min_size=32)``).
+
+        Keeps the images that have at least one annotation (crowd regions and difficult objects
+        count, as in mmdetection's COCO and VOC datasets) and whose shorter side is at least
+        ``min_size``. Returns the subset and the number of images left out.
+        """
+        keep = [i for i, (t, (h, w)) in enumerate(zip(self._targets, self._sizes)) if len(t["labels"]) and min(h, w) >= min_size]
+        return self.subset(keep), len(self) - len(keep)
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self)} images, {len(self.classes) - 1} classes, masks={self.masks}, "
                 f"{len(self.problems)} annotations dropped)")  # fmt: skip

@@ -112,6 +112,9 @@ class DetectionData(ShardedDataModule):
         crop_range: The crop's smallest and largest side.
         hflip: Random horizontal flips in training.
         repeats: Passes over the training set per epoch (the release's VOC schedule: 3).
+        filter_empty_gt: Train only on images with at least one annotation and a shorter side of at
+            least 32 px, as mmdetection 2.x's data sets do (``filter_empty_gt=True``); the number left
+            out is ``train_filtered``. Evaluation splits are never filtered.
         on_bad_annotation: ``drop`` (default: skip it, count it, warn once) or ``error`` (stop).
         on_bad_image: ``error`` (stop, naming the file) or ``skip`` (drop it and count it).
         predict_path: Image file or folder for ``predict`` (default: the test split).
@@ -140,6 +143,7 @@ class DetectionData(ShardedDataModule):
         crop_range: tuple[int, int] = COCO_CROP_RANGE,
         hflip: bool = True,
         repeats: int = 1,
+        filter_empty_gt: bool = True,
         on_bad_annotation: str = "drop",
         on_bad_image: str = "error",
         predict_path: str | None = None,
@@ -175,6 +179,12 @@ class DetectionData(ShardedDataModule):
         self.eval_transform = detection_transforms(False, kind=format)
         # read the annotations now so that a wrong folder or a malformed file stops the run before it starts
         self.train_set = self._read(0, self.train_transform)
+        self.filter_empty_gt, self.train_filtered = filter_empty_gt, 0
+        if filter_empty_gt:
+            self.train_set, self.train_filtered = self.train_set.training_subset()
+            if len(self.train_set) == 0:
+                raise ValueError(f"training split {self.splits[0]!r} has no image with an annotation (and a side of "
+                                 "32 px or more) to train on; check the annotations, or set filter_empty_gt: false")
         self.val_set = self._read(1, self.eval_transform)
         self._test_set: DetectionDataset | None = self.val_set if self.splits[2] == self.splits[1] else None
         self._check_classes(self.val_set, self.splits[1])
