@@ -34,11 +34,12 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import boxes as box_ops, generalized_box_iou_loss
 
 from .roi import LevelRoIAlign, mask_targets, paste_masks
+from .rpn import BorderRPN
 
 __all__ = [
     "RELEASE_TARGET_STDS",
@@ -418,6 +419,8 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         num_classes: Classes *including* the background (torchvision's convention; COCO: 81).
         min_size, max_size, image_mean, image_std: ``GeneralizedRCNNTransform``'s.
         rpn_*: As torchvision's ``MaskRCNN``; the default anchors assume five levels.
+            ``rpn_allowed_border``: anchors crossing the image border by more than this many pixels
+            take no part in training (the release: 0; negative: all anchors train).
         box_roi_pool: Defaults to mmdet's ``SingleRoIExtractor``: :class:`~.roi.LevelRoIAlign` over maps
             ``"0"``-``"3"`` (strides 4-32), 7 x 7, aligned, adaptive sampling.
         box_heads: One per stage; default "4conv1fc": ``FastRCNNConvFCHead`` with four 3x3 convs
@@ -471,6 +474,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         rpn_batch_size_per_image: int = 256,
         rpn_positive_fraction: float = 0.5,
         rpn_score_thresh: float = 0.0,
+        rpn_allowed_border: float = 0.0,
         box_roi_pool: nn.Module | None = None,
         box_heads: Sequence[nn.Module] | None = None,
         box_predictors: Sequence[nn.Module] | None = None,
@@ -509,11 +513,11 @@ class CascadeMaskRCNN(GeneralizedRCNN):
             rpn_anchor_generator = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
         if rpn_head is None:
             rpn_head = RPNHead(channels, rpn_anchor_generator.num_anchors_per_location()[0])
-        rpn = RegionProposalNetwork(
+        rpn = BorderRPN(
             rpn_anchor_generator, rpn_head, rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image,
             rpn_positive_fraction, dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
             dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test), rpn_nms_thresh,
-            score_thresh=rpn_score_thresh,
+            score_thresh=rpn_score_thresh, allowed_border=rpn_allowed_border,
         )
 
         if box_roi_pool is None:
