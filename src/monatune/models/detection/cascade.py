@@ -35,11 +35,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import boxes as box_ops, generalized_box_iou_loss
 
-from .roi import LevelRoIAlign, mask_targets, paste_masks
+from .roi import LevelRoIAlign, mask_targets
 from .rpn import BorderRPN
+from .transform import MMDetTransform
 
 __all__ = [
     "RELEASE_TARGET_STDS",
@@ -386,21 +386,6 @@ class CascadeRoIHeads(nn.Module):
         return result
 
 
-class MaskPasteTransform(GeneralizedRCNNTransform):
-    """torchvision's transform with mmdetection's mask pasting (:func:`~.roi.paste_masks`) in ``postprocess``."""
-
-    def postprocess(
-        self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]], original_image_sizes: list[tuple[int, int]]
-    ) -> list[dict[str, Tensor]]:
-        if self.training:
-            return result
-        for pred, size, original in zip(result, image_shapes, original_image_sizes):
-            pred["boxes"] = resize_boxes(pred["boxes"], size, original)
-            if "masks" in pred:
-                pred["masks"] = paste_masks(pred["masks"], pred["boxes"], original)
-        return result
-
-
 class CascadeMaskRCNN(GeneralizedRCNN):
     """Cascade Mask R-CNN with torchvision's ``MaskRCNN`` interface and the release's defaults.
 
@@ -550,7 +535,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
             detections_per_img=box_detections_per_img, score_average=score_average,
             mask_roi_pool=mask_roi_pool, mask_heads=mask_heads,
         )
-        transform = MaskPasteTransform(
+        transform = MMDetTransform(
             min_size, max_size, image_mean or [0.485, 0.456, 0.406], image_std or [0.229, 0.224, 0.225]
         )
         super().__init__(backbone, rpn, roi_heads, transform)
