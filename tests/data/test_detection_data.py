@@ -416,3 +416,15 @@ def test_voc_difficult_follows_sanitize(voc):
     with pytest.warns(UserWarning):
         _, t = read_voc(voc, "trainval", transforms=crop)[0]
     assert t["difficult"].tolist() == [True] and t["labels"].tolist() == [VOC_CLASSES.index("person") + 1]
+
+
+def test_training_resize_rounds_and_interpolates_as_mmcv():
+    from monatune.data.detection import MMCVResize
+
+    image = tv_tensors.Image(torch.rand(3, 333, 500))
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[0.0, 0.0, 500.0, 333.0]]), format="XYXY", canvas_size=(333, 500))
+    out, out_boxes = MMCVResize([600], 1000)(image, boxes)
+    assert out.shape[-2:] == (600, 901)  # mmcv: int(500 * 1.8018 + 0.5); torchvision's RandomShortestSize gives 900
+    torch.testing.assert_close(out_boxes, torch.tensor([[0.0, 0.0, 901.0, 600.0]]))
+    expected = torch.nn.functional.interpolate(image[None], size=(600, 901), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), expected)  # no antialiasing, as cv2's INTER_LINEAR

@@ -534,6 +534,24 @@ COCO_CROP_SCALES = (400, 500, 600)
 COCO_CROP_RANGE = (384, 600)
 
 
+class MMCVResize(v2.RandomShortestSize):
+    """mmdet's ``Resize(img_scale=[(max_size, s) for s in scales], multiscale_mode="value", keep_ratio=True)``.
+
+    One of ``min_size`` at random; the size is rounded as mmcv's ``rescale_size``
+    (``int(side * scale + 0.5)``; torchvision's ``RandomShortestSize`` truncates) and the image is
+    resized bilinearly without antialiasing, as cv2's ``INTER_LINEAR`` (mmcv's ``imresize``).
+    """
+
+    def __init__(self, min_size: Sequence[int], max_size: int) -> None:
+        super().__init__(list(min_size), max_size=max_size, antialias=False)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.query_size(flat_inputs)
+        short = self.min_size[int(torch.randint(len(self.min_size), ()))]
+        scale = min(short / min(h, w), self.max_size / max(h, w))
+        return dict(size=(int(h * scale + 0.5), int(w * scale + 0.5)))
+
+
 class RandomSizeCrop(v2.Transform):
     """A random crop whose height and width are drawn from ``[low, min(high, side)]`` (mmdetection's
     ``RandomCrop(crop_type="absolute_range")``), at a random position; boxes are clipped to it."""
@@ -600,10 +618,9 @@ def detection_transforms(
         coco = kind == "coco"
         scales = list(scales or (COCO_TRAIN_SCALES if coco else (600,)))
         max_size = max_size or (1333 if coco else 1000)
-        resize = v2.RandomShortestSize(scales, max_size=max_size)
+        resize = MMCVResize(scales, max_size)
         if crop if crop is not None else coco:
-            cropped = v2.Compose([v2.RandomShortestSize(list(crop_scales), max_size=max_size),
-                                  RandomSizeCrop(*crop_range), v2.RandomShortestSize(scales, max_size=max_size)])
+            cropped = v2.Compose([MMCVResize(crop_scales, max_size), RandomSizeCrop(*crop_range), MMCVResize(scales, max_size)])
             resize = v2.RandomChoice([resize, cropped])
         steps = ([v2.RandomHorizontalFlip(0.5)] if hflip else []) + [resize]
     steps += [v2.SanitizeBoundingBoxes(labels_getter=_per_instance), v2.ToDtype(torch.float32, scale=True)]
