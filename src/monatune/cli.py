@@ -28,14 +28,34 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
+    if bool(args.config) == bool(args.name):
+        raise ValueError("give a timm name (monatune params swin_base_patch4_window7_224) or experiment configs "
+                         "(monatune params -c configs/det/voc_retinanet_swin_l.yaml -c configs/methods/mona.yaml)")
+    if args.config:
+        return _params_of_configs(args)
+    if args.num_classes is not None:
+        raise ValueError("--num-classes goes with -c CONFIG; a timm name is counted as a dense backbone, without classes")
     import torch
 
     from .dense import build_dense_backbone
     from .params import count_parameters
 
     with torch.device("meta"):  # counting needs shapes only
-        model = build_dense_backbone(args.name, args.method, **_options(args.option))
+        model = build_dense_backbone(args.name, args.method or "mona", **_options(args.option))
     report = count_parameters(model)
+    print(json.dumps(report.to_dict()) if args.json else report)
+    return 0
+
+
+def _params_of_configs(args: argparse.Namespace) -> int:
+    from .params import count_config_parameters
+
+    init_args: dict[str, Any] = {}
+    if args.method is not None:
+        init_args["method"] = args.method
+    if args.option:
+        init_args["method_options"] = _options(args.option)
+    report = count_config_parameters(args.config, num_classes=args.num_classes, init_args=init_args)
     print(json.dumps(report.to_dict()) if args.json else report)
     return 0
 
@@ -135,10 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("params", help="parameter counts of a timm backbone (dense-prediction form) under a method")
-    p.add_argument("name", help="timm model name, e.g. swin_base_patch4_window7_224")
-    p.add_argument("--method", default="mona", help="tuning method (default: mona)")
+    p = sub.add_parser(
+        "params",
+        help="parameter counts: of a timm backbone (dense-prediction form) under a method, or of the task model "
+        "experiment configs describe (-c CONFIG [-c METHOD.yaml]), by part",
+    )
+    p.add_argument("name", nargs="?", help="timm model name, e.g. swin_base_patch4_window7_224")
+    p.add_argument("--config", "-c", action="append", default=[], metavar="CONFIG",
+                   help="an experiment YAML file, as `monatune fit -c` takes (repeat: later files win)")  # fmt: skip
+    p.add_argument("--method", default=None, help="tuning method (default: mona, or the config's)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="with -c: the class count (default: the config's or its data's)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_params)
 
