@@ -16,6 +16,8 @@ from monatune.models.detection.cascade import (
     CascadeMaskRCNN,
     cascade_box_loss,
 )
+from monatune.models.detection.anchors import MMDetAnchorGenerator
+from monatune.models.detection.assign import MaxIoUAssigner
 from monatune.models.detection.roi import LevelRoIAlign
 
 NUM_CLASSES = 3  # background + 2
@@ -266,6 +268,16 @@ def test_defaults_are_the_release_configuration():
     assert len(heads.mask_heads) == 3  # FCNMaskHead per stage: 80 mask channels, no background
     assert all(m.predictor.mask_fcn_logits.out_channels == 80 for m in heads.mask_heads)
     assert heads.score_average == "logits"
+    # the RPN: mmdet's anchors and assigner, anchors over the border left out of training
+    rpn = model.rpn
+    assert isinstance(rpn.anchor_generator, MMDetAnchorGenerator) and rpn.anchor_generator.strides == [4, 8, 16, 32, 64]
+    m = rpn.proposal_matcher
+    assert isinstance(m, MaxIoUAssigner) and (m.pos_iou_thr, m.neg_iou_thr, m.min_pos_iou) == (0.7, 0.3, 0.3)
+    assert rpn.allowed_border == 0 and rpn.min_size == 0
+    # mmdet's ConvFCBBoxHead initialises its fc Xavier-uniform (torchvision's nn.Linear default is 3x narrower here)
+    fc = [m for m in heads.stages[0].head.modules() if isinstance(m, nn.Linear)][0]
+    bound = (6 / (fc.in_features + fc.out_features)) ** 0.5
+    assert 0.9 * bound < fc.weight.abs().max() <= bound and not fc.bias.any()
 
 
 def test_giou_box_loss_hand_case():

@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import boxes as box_ops, generalized_box_iou_loss
 
+from .anchors import MMDetAnchorGenerator
+from .assign import MaxIoUAssigner
 from .roi import LevelRoIAlign, mask_targets
 from .rpn import BorderRPN
 from .transform import MMDetTransform
@@ -403,7 +404,10 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         backbone: Module with an int ``out_channels`` returning an ordered dict of maps.
         num_classes: Classes *including* the background (torchvision's convention; COCO: 81).
         min_size, max_size, image_mean, image_std: ``GeneralizedRCNNTransform``'s.
-        rpn_*: As torchvision's ``MaskRCNN``; the default anchors assume five levels.
+        rpn_*: As torchvision's ``MaskRCNN``; the default anchors (mmdet's: scale 8 of strides 4-64,
+            ratios 0.5 / 1 / 2, not rounded) assume five levels. Anchors are assigned by mmdet's
+            ``MaxIoUAssigner`` (positive at IoU >= 0.7, negative below 0.3, a ground truth's best
+            anchors positive when their IoU is at least ``rpn_min_pos_iou``).
             ``rpn_allowed_border``: anchors crossing the image border by more than this many pixels
             take no part in training (the release: 0; negative: all anchors train).
         box_roi_pool: Defaults to mmdet's ``SingleRoIExtractor``: :class:`~.roi.LevelRoIAlign` over maps
@@ -447,7 +451,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         max_size: int = 1333,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
-        rpn_anchor_generator: AnchorGenerator | None = None,
+        rpn_anchor_generator: nn.Module | None = None,
         rpn_head: nn.Module | None = None,
         rpn_pre_nms_top_n_train: int = 2000,
         rpn_pre_nms_top_n_test: int = 1000,
@@ -460,6 +464,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         rpn_positive_fraction: float = 0.5,
         rpn_score_thresh: float = 0.0,
         rpn_allowed_border: float = 0.0,
+        rpn_min_pos_iou: float = 0.3,
         box_roi_pool: nn.Module | None = None,
         box_heads: Sequence[nn.Module] | None = None,
         box_predictors: Sequence[nn.Module] | None = None,
@@ -494,8 +499,8 @@ class CascadeMaskRCNN(GeneralizedRCNN):
             raise ValueError(f"per-stage options must have num_stages={num_stages} entries, got lengths {wrong}")
         channels = backbone.out_channels
 
-        if rpn_anchor_generator is None:  # torchvision's default: one size per level, five levels
-            rpn_anchor_generator = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        if rpn_anchor_generator is None:  # the release's: scale 8 of strides 4-64, ratios 0.5 / 1 / 2, unrounded
+            rpn_anchor_generator = MMDetAnchorGenerator((4, 8, 16, 32, 64), (0.5, 1.0, 2.0), scales=(8,))
         if rpn_head is None:
             rpn_head = RPNHead(channels, rpn_anchor_generator.num_anchors_per_location()[0])
         rpn = BorderRPN(
@@ -504,6 +509,8 @@ class CascadeMaskRCNN(GeneralizedRCNN):
             dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test), rpn_nms_thresh,
             score_thresh=rpn_score_thresh, allowed_border=rpn_allowed_border,
         )
+        # mmdet's MaxIoUAssigner: low-quality matches need IoU >= 0.3 (min_pos_iou) and go to the gt they are best for
+        rpn.proposal_matcher = MaxIoUAssigner(rpn_fg_iou_thresh, rpn_bg_iou_thresh, min_pos_iou=rpn_min_pos_iou)
 
         if box_roi_pool is None:
             box_roi_pool = LevelRoIAlign(["0", "1", "2", "3"], 7)
@@ -513,6 +520,10 @@ class CascadeMaskRCNN(GeneralizedRCNN):
             box_heads = [  # "4conv1fc"
                 FastRCNNConvFCHead((channels, *size), [head_channels] * 4, [1024], norm_layer=box_norm_layer) for _ in range(num_stages)
             ]
+            for head in box_heads:  # mmdet's ConvFCBBoxHead: Xavier-uniform fc, zero bias (torchvision keeps nn.Linear's)
+                for fc in (m for m in head.modules() if isinstance(m, nn.Linear)):
+                    nn.init.xavier_uniform_(fc.weight)
+                    nn.init.zeros_(fc.bias)
         if box_predictors is None:
             box_predictors = [CascadeBoxPredictor(1024, num_classes, class_agnostic=class_agnostic) for _ in range(num_stages)]
         stages = [
