@@ -105,3 +105,12 @@ def test_overrides_win_over_config_files():
     init = config["model"]["init_args"]
     assert (init["method"], init["lr"], init["method_options"]) == ("lora", 0.5, {"rank": 4})
     assert config["data"]["init_args"]["format"] == "pets"
+
+
+@pytest.mark.parametrize("name", ["det/coco_cascade_mask_rcnn_swin_b_3x", "det/coco_mask_rcnn_swin_b_3x",
+                                  "det/voc_retinanet_swin_l", "seg/ade20k_upernet_swin_l"])
+def test_dense_paper_configs_test_the_final_adapter_and_sync_batchnorm(name):
+    config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    assert config["adapter_choice"] == "last"  # the release reports its final checkpoint
+    assert config["trainer"]["sync_batchnorm"] is True  # the release's SyncBN in the heads
+    assert config["model"]["init_args"]["paramwise"]["custom_keys"]["norm"] == 0.0

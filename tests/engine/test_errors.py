@@ -94,3 +94,10 @@ def test_evaluating_needs_a_trained_run(configs, tmp_path, capsys, command):
     message = error_text(capsys, command)
     assert message.startswith(f"nothing trained to {command}: '{run_dir / 'adapter-best'}' does not exist")
     assert list(run_dir.iterdir()) == []
+
+
+def test_evaluating_adapter_last_names_it(configs, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert run_main("test", "-c", configs.base, "--run_dir", run_dir, "--adapter_choice", "last") == 2
+    assert error_text(capsys, "test").startswith(f"nothing trained to test: '{run_dir / 'adapter-last'}' does not exist")

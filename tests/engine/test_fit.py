@@ -133,3 +133,15 @@ def test_predict_writes_rows_and_pictures(fitted_run, color_data):
         probs = trained_model(fitted_run / "adapter-best")(torch.stack(images)).softmax(-1)
     got = torch.tensor([[t["score"] for t in sorted(row["top"], key=lambda t: t["label"])] for row in rows])
     torch.testing.assert_close(got, probs, atol=2e-6, rtol=0)
+
+
+def test_adapter_choice_last_tests_the_final_epoch(fitted_run, tmp_path):
+    """The paper configs test adapter-last (the release reports its final checkpoint); best stays the default."""
+    assert run_main("validate", "-c", fitted_run / "config.yaml", "--adapter_choice", "last") == 0
+    resolved = yaml.safe_load((fitted_run / "validate" / "config.yaml").read_text())
+    assert resolved["model"]["init_args"]["adapter"] == str(fitted_run / "adapter-last")
+    assert run_main("validate", "-c", fitted_run / "config.yaml") == 0
+    resolved = yaml.safe_load((fitted_run / "validate" / "config.yaml").read_text())
+    assert resolved["model"]["init_args"]["adapter"] == str(fitted_run / "adapter-best")
+    last = read_json(fitted_run / "adapter-last" / "adapter_config.json")["metadata"]
+    assert last["epoch"] == EPOCHS - 1

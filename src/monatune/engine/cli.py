@@ -12,7 +12,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 from jsonargparse import ActionYesNo
@@ -78,6 +78,11 @@ class MonatuneCLI(LightningCLI):
             "--resume", action=ActionYesNo, default=False, help="fit: continue the run in --run_dir from its last checkpoint"
         )
         parser.add_argument("--save_every_n_steps", type=int, default=100, help="fit: steps between resumable checkpoints")
+        parser.add_argument(
+            "--adapter_choice", type=Literal["best", "last"], default="best",
+            help="validate/test/predict: the run's adapter-best/ (best validation epoch) or adapter-last/ (final "
+            "epoch; the paper configs' choice, as the release reports its final checkpoint)",
+        )
 
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
@@ -99,14 +104,14 @@ class MonatuneCLI(LightningCLI):
         else:
             self.out_dir = run_dir / sub
             init = config.model.init_args
-            best = run_dir / "adapter-best"
+            chosen = run_dir / f"adapter-{config.get('adapter_choice') or 'best'}"
             if init.get("adapter") is None and config.get("ckpt_path") is None:
-                if not best.is_dir():
+                if not chosen.is_dir():
                     raise FileNotFoundError(
-                        f"nothing trained to {sub}: '{best}' does not exist. Give the --run_dir of a finished fit, "
+                        f"nothing trained to {sub}: '{chosen}' does not exist. Give the --run_dir of a finished fit, "
                         "or the weights: --model.init_args.adapter DIR or --ckpt_path FILE"
                     )
-                init.adapter = str(best)  # the run's best adapter unless told otherwise
+                init.adapter = str(chosen)  # the run's best (or, with --adapter_choice last, final) adapter
         config.trainer.default_root_dir = str(self.out_dir)
 
     def instantiate_classes(self) -> None:

@@ -23,6 +23,7 @@ from ..checkpoints import load_adapter, load_pretrained
 from ..memory import set_activation_checkpointing, set_frozen_precision
 from ..methods import resolve_method
 from ..params import ParamReport, count_parameters
+from .decay import check_paramwise, mmcv_param_groups
 
 __all__ = ["TunedModule", "SCHEDULES"]
 
@@ -95,7 +96,15 @@ class TunedModule(L.LightningModule):
         lr: Base learning rate (of AdamW).
         lr_scale: Per-method multipliers of ``lr``, e.g. ``{"mona": 2.0}`` (the release's recipe
             for Flowers and Pets).
-        weight_decay: AdamW weight decay; norms, biases and position tables get none.
+        weight_decay: AdamW weight decay. By default (``paramwise`` unset) timm's rule: none on
+            1-D parameters (norms, biases, Mona's scales) and the backbone's ``no_weight_decay()``
+            (position tables).
+        paramwise: The release's rule instead, mmcv 1.x's ``paramwise_cfg``: ``custom_keys`` (name
+            substring -> ``decay_mult``, or ``{decay_mult, lr_mult}``; longest key first),
+            ``norm_decay_mult``, ``dwconv_decay_mult``, ``bias_decay_mult``, matched against
+            :meth:`release_name` (see :mod:`monatune.engine.decay`).
+        paramwise_by_method: Per-method ``paramwise`` that replaces it (the release's ADE20K Mona
+            config adds a ``backbone`` key).
         betas: AdamW betas.
         schedule: ``cosine``, ``step`` (``milestones`` in epochs, ×``gamma``), ``poly`` or ``constant``.
         warmup_epochs: Linear warm-up length in epochs (fractions allowed).
@@ -127,6 +136,8 @@ class TunedModule(L.LightningModule):
         lr: float = 1e-4,
         lr_scale: dict[str, float] | None = None,
         weight_decay: float = 0.05,
+        paramwise: dict[str, Any] | None = None,
+        paramwise_by_method: dict[str, dict[str, Any]] | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         schedule: str = "cosine",
         warmup_epochs: float = 0.0,
@@ -162,6 +173,8 @@ class TunedModule(L.LightningModule):
         self.drop_path_rate = (drop_path_by_method or {}).get(method, drop_path_rate)
         self.lr = lr * (lr_scale or {}).get(method, 1.0)
         self.weight_decay, self.betas = weight_decay, tuple(betas)
+        paramwise = (paramwise_by_method or {}).get(method, paramwise)
+        self.paramwise = check_paramwise(paramwise) if paramwise is not None else None
         self.schedule, self.milestones, self.gamma, self.poly_power = schedule, list(milestones or []), gamma, poly_power
         self.warmup_epochs, self.warmup_steps = warmup_epochs, warmup_steps
         self.warmup_lr_ratio, self.min_lr_ratio = warmup_lr_ratio, min_lr_ratio
@@ -219,10 +232,30 @@ class TunedModule(L.LightningModule):
         return count_parameters(self.tuned)
 
     # -- optimisation ---------------------------------------------------------------------
+    def release_name(self, name: str) -> str:
+        """The name the release's model gives the parameter ``name`` of the network (for ``paramwise``).
+
+        The tuned backbone's parameters are under ``backbone.`` (their names inside it are timm's,
+        which are the release's for Swin); the rest of a detector's ``backbone`` (the FPN) is the
+        release's ``neck.``; heads keep their names.
+        """
+        prefix = next(n for n, m in self.model.named_modules() if m is self.tuned)
+        name = name.lstrip(".")
+        if not prefix:
+            return f"backbone.{name}"
+        if name.startswith(prefix + "."):
+            return f"backbone.{name[len(prefix) + 1:]}"
+        if name.startswith("backbone."):
+            return f"neck.{name[len('backbone.'):]}"
+        return name
+
     def configure_optimizers(self) -> dict[str, Any]:
-        prefix = next(f"{n}." for n, m in self.model.named_modules() if m is self.tuned).lstrip(".")
-        skip = {prefix + name for name in getattr(self.tuned, "no_weight_decay", lambda: set())()}
-        groups = param_groups_weight_decay(self.model, self.weight_decay, no_weight_decay_list=skip)
+        if self.paramwise is not None:
+            groups = mmcv_param_groups(self.model, self.lr, self.weight_decay, self.paramwise, self.release_name)
+        else:
+            prefix = next(f"{n}." for n, m in self.model.named_modules() if m is self.tuned).lstrip(".")
+            skip = {prefix + name for name in getattr(self.tuned, "no_weight_decay", lambda: set())()}
+            groups = param_groups_weight_decay(self.model, self.weight_decay, no_weight_decay_list=skip)
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError(f"method {self.method!r} leaves nothing to train")
