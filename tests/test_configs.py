@@ -54,17 +54,20 @@ def test_detection_configs_compose_with_every_method(task):
         assert config["model"]["class_path"] == "monatune.tasks.ObjectDetector"
         assert init["method"] == method
         resolve_method(init["method"], init["method_options"])
-        # the release's recipe (spec section 5): AdamW 1e-4, wd 0.05, step schedule, 500-iteration warm-up,
-        # 16 images per step
-        assert (init["lr"], init["weight_decay"], init["schedule"], init["warmup_steps"]) == (1e-4, 0.05, "step", 500)
-        assert data["batch_size"] * trainer["devices"] * trainer["accumulate_grad_batches"] == 16
-        if task.stem.startswith("coco"):
+        # the release's recipe: AdamW 1e-4, wd 0.05, step schedule; COCO: 500-iteration warm-up, 16 GPUs x 1 image;
+        # VOC: no warm-up, 2 GPUs x 1 image
+        coco = task.stem.startswith("coco")
+        assert (init["lr"], init["weight_decay"], init["schedule"]) == (1e-4, 0.05, "step")
+        assert init["warmup_steps"] == (500 if coco else 0) and data["batch_size"] == 1
+        assert data["batch_size"] * trainer["devices"] * trainer["accumulate_grad_batches"] == (16 if coco else 2)
+        if coco:
             assert init["backbone"] == "swin_base_patch4_window7_224" and init["drop_path_rate"] == 0.3
             assert (trainer["max_epochs"], init["milestones"], trainer["precision"]) == (36, [27, 33], "16-mixed")
             assert data["train_scales"] == list(range(480, 801, 32)) and (data["max_size"], data["test_scale"]) == (1333, 800)
             assert data["crop"] and data["masks"] and data["format"] == "coco"
         else:
             assert init["backbone"] == "swin_large_patch4_window7_224" and init["detector"] == "retinanet"
+            assert (init["drop_path_rate"], init["frozen_stages"], trainer["precision"]) == (0.2, 1, "16-mixed")
             assert (trainer["max_epochs"], data["repeats"], init["milestones"]) == (4, 3, [3])  # 12 epochs, step at 9
             assert (data["train_scales"], data["max_size"], init["metric"]) == ([600], 1000, "voc")
             assert data["splits"][0] == "2007/trainval+2012/trainval" and data["splits"][2] == "2007/test"

@@ -51,7 +51,6 @@ def test_coco_cascade_mask_rcnn_swin_b_mona():
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="until the cascade/retinanet changes land")
 def test_voc_retinanet_swin_l_mona():
     report = count_config_parameters([VOC_RETINANET, method("mona")])
     assert report.total == 212_072_428

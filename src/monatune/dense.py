@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .models.base import swap_class
 from .models.swin import TunedSwinBlock
 
-__all__ = ["build_dense_backbone", "DenseSwin", "DenseViT", "DenseEva", "DENSE_FAMILIES"]
+__all__ = ["build_dense_backbone", "freeze_stages", "DenseSwin", "DenseViT", "DenseEva", "DENSE_FAMILIES"]
 
 DENSE_FAMILIES = "timm Swin v1 (swin_*), timm ViT/DeiT/DINOv2 (vit_*, deit_*), timm EVA (eva*)"
 
@@ -47,9 +47,10 @@ class _DenseMixin:
     out_indices: list[int]
     model_name: str
 
-    def _add_output_norms(self, channels: Sequence[int]) -> None:
+    def _add_output_norms(self, channels: Sequence[int], indices: Sequence[int] | None = None) -> None:
         for i, c in enumerate(channels):
-            self.add_module(f"norm{i}", nn.LayerNorm(c))  # type: ignore[attr-defined]
+            if indices is None or i in indices:
+                self.add_module(f"norm{i}", nn.LayerNorm(c))  # type: ignore[attr-defined]
         self.out_channels = list(channels)
 
     def _pad_to_patch(self, x: Tensor) -> Tensor:
@@ -63,14 +64,19 @@ class _DenseMixin:
 
 
 class DenseSwin(SwinTransformer, _DenseMixin):
-    """A timm SwinTransformer returning its four stage maps (class swapped in)."""
+    """A timm SwinTransformer returning its stage maps (class swapped in).
+
+    ``out_indices`` are the stages returned (keys ``"i"``), each with its output norm ``norm{i}``;
+    ``out_channels`` and ``strides`` describe every stage, returned or not.
+    """
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":  # type: ignore[override]
         x = self.patch_embed(self._pad_to_patch(x))  # B, H/4, W/4, C
         out: OrderedDict[str, Tensor] = OrderedDict()
         for i, stage in enumerate(self.layers):
             x = stage(x)
-            out[str(i)] = self._output(i, x)  # B, C_i, H_i, W_i
+            if i in self.out_indices:
+                out[str(i)] = self._output(i, x)  # B, C_i, H_i, W_i
         return out
 
 
@@ -107,8 +113,9 @@ def build_dense_backbone(
     Args:
         name: A timm model name (``swin_base_patch4_window7_224``, ``vit_base_patch16_224``, ...).
         method: A tuning method to apply (``"mona"``), or None for the plain backbone.
-        out_indices: For ViTs, the blocks whose outputs are returned (default: four evenly
-            spaced, ending with the last; ``[-1]``: the last only).
+        out_indices: Swin: the stages returned, each with its output norm (default: all four;
+            the release's RetinaNet: ``[1, 2, 3]``, no ``norm0``). ViTs: the blocks whose outputs
+            are returned (default: four evenly spaced, ending with the last; ``[-1]``: the last only).
         model_kwargs: Extra arguments for ``timm.create_model`` (e.g. ``embed_dim``,
             ``depths`` for a small model, ``drop_path_rate``).
         **options: The method's options.
@@ -138,9 +145,13 @@ def build_dense_backbone(
                 swap_class(block, TunedSwinBlock)
                 block.release_windows = True
         model.norm = nn.Identity()  # the classifier's final norm is not part of the dense backbone
-        model._add_output_norms([info["num_chs"] for info in model.feature_info])
+        stages = len(model.layers)
+        indices = sorted({i + stages if -stages <= i < 0 else i for i in (out_indices if out_indices is not None else range(stages))})
+        if not indices or any(not 0 <= i < stages for i in indices):
+            raise ValueError(f"`out_indices` must be stage indices in [0, {stages}), got {list(out_indices or [])}")
+        model._add_output_norms([info["num_chs"] for info in model.feature_info], indices)
         model.strides = [info["reduction"] for info in model.feature_info]
-        model.out_indices = list(range(len(model.layers)))
+        model.out_indices = indices
     elif timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva"]):
         model = timm.create_model(
             name, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True, **kwargs
@@ -168,3 +179,25 @@ def build_dense_backbone(
     if method is not None:
         apply(model, method, head=None, **options)
     return model
+
+
+def freeze_stages(backbone: nn.Module, frozen_stages: int) -> None:
+    """The release's Swin ``_freeze_stages``, on top of any method: freeze the first parts of a dense Swin.
+
+    ``frozen_stages >= 0`` freezes the patch embedding, ``>= 1`` also the absolute position
+    embedding (if any), ``>= 2`` also stages ``0 .. frozen_stages - 2`` (mmdetection's Swin
+    configs; the release's VOC RetinaNet sets 1: the patch embedding is frozen for every method,
+    full fine-tuning included). Negative: nothing. ``requires_grad`` is what changes.
+    """
+    if frozen_stages < 0:
+        return
+    if not isinstance(backbone, DenseSwin):
+        raise ValueError(f"`frozen_stages` applies to dense Swin backbones, got {type(backbone).__name__}")
+    parts: list[nn.Module] = [backbone.patch_embed]
+    parts += list(backbone.layers)[: max(frozen_stages - 1, 0)]
+    for part in parts:
+        for p in part.parameters():
+            p.requires_grad_(False)
+    pos = getattr(backbone, "absolute_pos_embed", None)
+    if frozen_stages >= 1 and isinstance(pos, nn.Parameter):
+        pos.requires_grad_(False)

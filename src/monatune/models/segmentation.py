@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -263,8 +264,10 @@ def build_segmenter(
         torch.Size([2, 150, 512, 512])
     """
     _positive_int("num_classes", num_classes)
-    # ViTs: the last block feeds the pyramid (Swin: every stage)
-    body = build_dense_backbone(backbone, method, out_indices=[-1], model_kwargs=model_kwargs, **(method_options or {}))
+    # Swin: every stage (default out_indices); ViTs: the last block feeds the pyramid
+    swin = timm.is_model(backbone) and timm.models.is_model_in_modules(backbone, ["swin_transformer"])
+    body = build_dense_backbone(backbone, method, out_indices=None if swin else [-1], model_kwargs=model_kwargs,
+                                **(method_options or {}))  # fmt: skip
     pyramid = None if isinstance(body, DenseSwin) else SimpleFeaturePyramid(body.out_channels[-1])
     in_channels = pyramid.out_channels if pyramid is not None else body.out_channels
     decode_head = UPerHead(in_channels, num_classes, channels=channels, dropout=dropout)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from ..dense import freeze_stages
 from ..engine.module import TunedModule
 from ..metrics import VOCMeanAveragePrecision
 from ..models.detection.builders import DETECTORS, build_detector
@@ -62,6 +63,8 @@ class ObjectDetector(TunedModule):
         max_size: The longest side; from the data, else 1333.
         predict_threshold: ``predict`` keeps (writes and draws) detections scoring at least this.
         fpn_channels: Width of the FPN and the heads reading it (the release: 256).
+        frozen_stages: The release's Swin ``frozen_stages`` on top of the method (:func:`monatune.dense.freeze_stages`):
+            0 or 1 freezes the patch embedding (the release's VOC RetinaNet: 1, for every method); -1: nothing.
         detector_kwargs: Extra arguments of the torchvision detector (``score_thresh``, ...).
         **kwargs: Backbone, method and optimiser arguments of :class:`~monatune.engine.TunedModule`.
     """
@@ -78,6 +81,7 @@ class ObjectDetector(TunedModule):
         max_size: int | None = None,
         predict_threshold: float = 0.3,
         fpn_channels: int = 256,
+        frozen_stages: int = -1,
         detector_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -90,6 +94,7 @@ class ObjectDetector(TunedModule):
         self.voc_ap_method = voc_ap_method
         self.min_size, self.max_size = min_size, max_size
         self.predict_threshold, self.fpn_channels = predict_threshold, fpn_channels
+        self.frozen_stages = frozen_stages
         self.detector_kwargs = dict(detector_kwargs or {})
         self.masks = detector in ("mask_rcnn", "cascade_mask_rcnn")
         self.classes: list[str] | None = None
@@ -114,6 +119,12 @@ class ObjectDetector(TunedModule):
         # monatune's data modules resize training images themselves (the release's multi-scale policy)
         network.transform._skip_resize = bool(getattr(data, "resizes_training_images", False))
         return network
+
+    def configure_model(self) -> None:
+        built = self.model is None
+        super().configure_model()
+        if built:
+            freeze_stages(self.model.backbone.body, self.frozen_stages)
 
     def _new_metric(self) -> nn.Module:
         if self.metric == "voc":

@@ -75,8 +75,23 @@ class MMDetAnchorGenerator(AnchorGenerator):
         if len(feature_maps) != len(self.strides):
             raise ValueError(f"{len(feature_maps)} feature maps for {len(self.strides)} anchor strides {self.strides}")
         grid_sizes = [f.shape[-2:] for f in feature_maps]
+        self.grid_sizes = [(int(h), int(w)) for h, w in grid_sizes]  # of the last call, for valid_flags
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
         strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
         self.set_cell_anchors(dtype, device)
         anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
         return [anchors for _ in image_list.image_sizes]
+
+    def valid_flags(self, pad_shape: tuple[int, int], device: torch.device | None = None) -> Tensor:
+        """mmdet's ``valid_flags``: anchors at positions inside one image's padded shape (the last call's grids).
+
+        In a batch padded to its largest image, the positions beyond an image's own ``pad_shape``
+        (its size rounded up to the size divisor) hold no image and take no part in training.
+        """
+        flags = []
+        for (h, w), stride in zip(self.grid_sizes, self.strides):
+            vh, vw = min(-(-pad_shape[0] // stride), h), min(-(-pad_shape[1] // stride), w)
+            valid = torch.zeros(h, w, dtype=torch.bool, device=device)
+            valid[:vh, :vw] = True
+            flags.append(valid.reshape(-1, 1).expand(-1, self.num_anchors_per_location()[0]).reshape(-1))
+        return torch.cat(flags)

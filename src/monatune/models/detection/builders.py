@@ -5,9 +5,12 @@ to torchvision's ``FeaturePyramidNetwork``; the neck and heads are torchvision's
 trainable, the backbone follows the method. As in the release's configurations:
 
 - R-CNNs use all four stages (strides 4-32) plus a max-pooled P6;
-- RetinaNet and FCOS use stages 2-4 (strides 8-32) plus P6/P7 computed from the last stage
-  (mmdetection's ``add_extra_convs="on_input"``; torchvision's ``LastLevelP6P7`` does this
-  whenever the last stage has other than 256 channels).
+- RetinaNet and FCOS use stages 2-4 (strides 8-32; the Swin backbone then has no ``norm0``)
+  plus P6 from the last stage and P7 from P6 with no ReLU between (mmdetection's
+  ``add_extra_convs="on_input"``, ``relu_before_extra_convs=False``; torchvision's
+  ``LastLevelP6P7`` applies a ReLU to P6 first).
+
+The FPN's convolutions are initialised Xavier-uniform as mmdetection's (torchvision: Kaiming-uniform).
 
 ViT-family backbones have one output stride; :class:`SimpleFeaturePyramid` builds the four
 scales from their last block's map as ViTDet does (two and one transposed convolutions up,
@@ -18,12 +21,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+import timm
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
 from ...dense import DenseSwin, build_dense_backbone
+from .retinanet import MMDetRetinaNet
 
 __all__ = ["SimpleFeaturePyramid", "FeatureBackbone", "build_feature_backbone", "build_detector", "DETECTORS"]
 
@@ -48,6 +53,19 @@ class SimpleFeaturePyramid(nn.Module):
         return OrderedDict([("0", self.up4(x)), ("1", self.up2(x)), ("2", x), ("3", self.down2(x))])
 
 
+class LastLevelP6P7NoReLU(LastLevelP6P7):
+    """mmdet's ``add_extra_convs="on_input"`` extra levels: P6 = conv(C5), P7 = conv(P6), no ReLU between.
+
+    P6 always reads C5 (torchvision's reads P5 when C5 already has the FPN's width).
+    """
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p6 = self.p6(c[-1])
+        p.extend([p6, self.p7(p6)])
+        names.extend(["p6", "p7"])
+        return p, names
+
+
 class FeatureBackbone(nn.Module):
     """Dense backbone (``body``), optional simple pyramid, and FPN; torchvision's backbone contract.
 
@@ -61,8 +79,11 @@ class FeatureBackbone(nn.Module):
         channels = self.pyramid.out_channels if self.pyramid is not None else body.out_channels
         self.levels = list(levels)
         in_channels = [channels[i] for i in self.levels]
-        extra_blocks = LastLevelP6P7(in_channels[-1], out_channels) if extra == "p6p7" else LastLevelMaxPool()
+        extra_blocks = LastLevelP6P7NoReLU(in_channels[-1], out_channels) if extra == "p6p7" else LastLevelMaxPool()
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks)
+        for conv in (m for m in self.fpn.modules() if isinstance(m, nn.Conv2d)):  # mmdet's FPN.init_weights
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
         self.out_channels = out_channels
 
     def forward(self, images: Tensor) -> "OrderedDict[str, Tensor]":
@@ -85,12 +106,12 @@ def build_feature_backbone(
     """The dense backbone of a timm Swin/ViT with the FPN a detector of kind ``detector`` uses."""
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; choose from {DETECTORS}")
-    body = build_dense_backbone(name, method, out_indices=[-1],  # ViTs: the last block feeds the pyramid (Swin: every stage)
-         model_kwargs=model_kwargs, **options)
     single = detector in _SINGLE_STAGE
-    return FeatureBackbone(
-        body, levels=[1, 2, 3] if single else [0, 1, 2, 3], extra="p6p7" if single else "maxpool", out_channels=out_channels
-    )
+    levels = [1, 2, 3] if single else [0, 1, 2, 3]
+    swin = timm.is_model(name) and timm.models.is_model_in_modules(name, ["swin_transformer"])
+    # Swin: the stages the FPN reads (their output norms only); ViTs: the last block feeds the pyramid
+    body = build_dense_backbone(name, method, out_indices=levels if swin else [-1], model_kwargs=model_kwargs, **options)
+    return FeatureBackbone(body, levels=levels, extra="p6p7" if single else "maxpool", out_channels=out_channels)
 
 
 def build_detector(
@@ -130,8 +151,8 @@ def build_detector(
                                       out_channels=fpn_channels, **(method_options or {}))
     classes = num_classes + 1  # torchvision counts the background (label 0)
     common = dict(min_size=min_size, max_size=max_size, **detector_kwargs)
-    if kind == "retinanet":
-        return RetinaNet(features, classes, **common)
+    if kind == "retinanet":  # sigmoid classes without a background channel, the release's RetinaHead
+        return MMDetRetinaNet(features, num_classes, **common)
     if kind == "fcos":
         return FCOS(features, classes, **common)
     if kind == "faster_rcnn":

@@ -11,6 +11,8 @@ two steps to the release's (mmcv 1.x / mmdetection 2.11):
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,6 +31,11 @@ def rescale_size(height: int, width: int, short: int, long: int) -> tuple[int, i
 
 class MMDetTransform(GeneralizedRCNNTransform):
     """``GeneralizedRCNNTransform`` with mmcv's rounding of the evaluation size and mmdet's mask pasting."""
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> tuple[Any, Any]:
+        out = super().forward(images, targets)
+        self.last_image_sizes = list(out[0].image_sizes)  # the resized, unpadded sizes (RetinaNet's valid anchors)
+        return out
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
         if self.training or self.fixed_size is not None:
