@@ -428,3 +428,16 @@ def test_training_resize_rounds_and_interpolates_as_mmcv():
     torch.testing.assert_close(out_boxes, torch.tensor([[0.0, 0.0, 901.0, 600.0]]))
     expected = torch.nn.functional.interpolate(image[None], size=(600, 901), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(out.as_subclass(torch.Tensor), expected)  # no antialiasing, as cv2's INTER_LINEAR
+
+
+def test_evaluation_keeps_sub_pixel_ground_truth_and_training_drops_it():
+    from monatune.data.detection import detection_transforms
+
+    image = tv_tensors.Image(torch.zeros(3, 40, 50, dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes(torch.tensor([[1.0, 1.0, 1.5, 1.4], [5.0, 5.0, 20.0, 20.0]]),
+                                                format="XYXY", canvas_size=(40, 50)),
+              "labels": torch.tensor([1, 2]), "iscrowd": torch.tensor([0, 0]), "area": torch.tensor([0.2, 225.0])}  # fmt: skip
+    _, kept = detection_transforms(False, kind="coco")(image, dict(target))
+    assert kept["labels"].tolist() == [1, 2] and len(kept["boxes"]) == 2  # COCOeval counts the 0.5 x 0.4 box
+    _, trained = detection_transforms(True, kind="coco", scales=[40], max_size=50, crop=False, hflip=False)(image, dict(target))
+    assert trained["labels"].tolist() == [2]  # training drops boxes under 1 px, as mmdet

@@ -592,8 +592,9 @@ def detection_transforms(
     at most ``max_size`` (1333); or resize to one of ``crop_scales`` (400, 500, 600), crop a random
     region of ``crop_range`` (384..600) pixels a side, and resize that to one of ``scales``.
     ``kind="voc"``: a flip and a resize to fit 1000 x 600 keeping the ratio (``scales=(600,)``,
-    ``max_size=1000``). Boxes made empty are then removed with their labels, masks, ``iscrowd``,
-    ``area`` and ``difficult`` (``SanitizeBoundingBoxes``), and the image becomes float32 in [0, 1].
+    ``max_size=1000``). Training boxes made empty (under 1 px) are then removed with their labels,
+    masks, ``iscrowd``, ``area`` and ``difficult`` (``SanitizeBoundingBoxes``); evaluation keeps every
+    box. The image becomes float32 in [0, 1].
 
     Evaluation keeps the image's size: the detector resizes it (its ``min_size`` / ``max_size``,
     which :class:`~monatune.data.DetectionData` sets from its ``test_scale``) and maps its boxes
@@ -623,7 +624,10 @@ def detection_transforms(
             cropped = v2.Compose([MMCVResize(crop_scales, max_size), RandomSizeCrop(*crop_range), MMCVResize(scales, max_size)])
             resize = v2.RandomChoice([resize, cropped])
         steps = ([v2.RandomHorizontalFlip(0.5)] if hflip else []) + [resize]
-    steps += [v2.SanitizeBoundingBoxes(labels_getter=_per_instance), v2.ToDtype(torch.float32, scale=True)]
+        # boxes made empty by the resize or crop go, with their labels and masks (mmdet drops boxes under 1 px too)
+        steps.append(v2.SanitizeBoundingBoxes(labels_getter=_per_instance))
+    # evaluation keeps every ground-truth box, however small: COCOeval and the VOC devkit count them all
+    steps.append(v2.ToDtype(torch.float32, scale=True))
     return v2.Compose(steps)
 
 

@@ -15,6 +15,11 @@ from ..engine.module import TunedModule
 __all__ = ["ImageClassifier"]
 
 
+def multilabel_probabilities(logits: Tensor) -> Tensor:
+    """Float64 sigmoid of the logits: distinct for logits up to ~36 (float32's sigmoid is 1.0 from ~17)."""
+    return torch.sigmoid(logits.detach().double())
+
+
 class ImageClassifier(TunedModule):
     """Classify images with a tuned timm backbone; the classifier head trains with every method.
 
@@ -97,7 +102,12 @@ class ImageClassifier(TunedModule):
         logits = self(batch["image"])
         target = batch["target"]
         loss.update(self.loss(logits, target), weight=len(target))
-        metric.update(logits.float(), target.long() if self.multilabel else target)
+        if self.multilabel:
+            # probabilities in float64, always: torchmetrics applies a sigmoid only to batches with a value
+            # outside [0, 1], and float32's sigmoid ties every logit above ~17 at 1.0
+            metric.update(multilabel_probabilities(logits), target.long())
+        else:
+            metric.update(logits.float(), target)
         name = "mAP" if self.multilabel else "acc"
         # logging the metric objects lets torchmetrics gather their state across processes
         self.log(f"{stage}/{name}", metric, prog_bar=True, on_step=False, on_epoch=True)

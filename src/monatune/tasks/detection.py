@@ -6,11 +6,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchmetrics.detection import MeanAveragePrecision
 
 from ..dense import freeze_stages
 from ..engine.module import TunedModule
-from ..metrics import VOCMeanAveragePrecision
+from ..metrics import COCOMeanAveragePrecision, VOCMeanAveragePrecision
+from ..metrics.coco import COCO_STATS
 from ..models.detection.builders import DETECTORS, build_detector
 
 __all__ = ["ObjectDetector", "draw_detections"]
@@ -44,10 +44,11 @@ class ObjectDetector(TunedModule):
 
     Metrics, in ``results.json`` and the logs:
 
-    - ``metric="coco"``: COCO box AP through torchmetrics' ``MeanAveragePrecision`` (faster-coco-eval
-      backend): ``val/map`` (AP@[.5:.95], the monitor), ``val/map_50``, ``val/map_75``, and for mask
-      models ``val/segm_map``, ``val/segm_map_50``, ``val/segm_map_75``. Crowd regions (and VOC
-      difficult objects) are ignored, as COCO's protocol does.
+    - ``metric="coco"``: the twelve COCO statistics by pycocotools' ``COCOeval``
+      (:class:`~monatune.metrics.COCOMeanAveragePrecision`): ``val/map`` (AP@[.5:.95], the monitor),
+      ``val/map_50``, ``val/map_75``, ``val/map_small`` ... ``val/mar_large``, and for mask models
+      the same as ``val/segm_map`` .... Crowd regions (and VOC difficult objects) are ignored, as
+      COCO's protocol does; masks are the stages' probabilities at >= 0.5.
     - ``metric="voc"``: Pascal VOC mAP@0.5 with difficult objects ignored
       (:class:`~monatune.metrics.VOCMeanAveragePrecision`), ``val/voc_map50`` (the monitor), with
       11-point interpolation (the VOC2007 devkit, which the release's mmdetection uses for VOC2007
@@ -129,8 +130,7 @@ class ObjectDetector(TunedModule):
     def _new_metric(self) -> nn.Module:
         if self.metric == "voc":
             return VOCMeanAveragePrecision(self.num_classes, ap_method=self.voc_ap_method)
-        iou = ("bbox", "segm") if self.masks else ("bbox",)
-        return MeanAveragePrecision(iou_type=iou, backend="faster_coco_eval")
+        return COCOMeanAveragePrecision(iou_type=("bbox", "segm") if self.masks else "bbox")
 
     def tuned_part(self, network: nn.Module) -> nn.Module:
         return network.backbone.body
@@ -163,7 +163,7 @@ class ObjectDetector(TunedModule):
                 ignored = ignored | t["difficult"].bool()
             t["iscrowd"] = ignored.long()
             if self.masks:
-                p["masks"] = p["masks"][:, 0] > 0.5  # N, H, W
+                p["masks"] = p["masks"][:, 0] >= 0.5  # N, H, W; mmdet's mask_thr_binary
                 t["masks"] = t["masks"].bool()
             else:
                 p.pop("masks", None)
@@ -178,7 +178,7 @@ class ObjectDetector(TunedModule):
         if self.metric == "voc":
             self.log(f"{stage}/voc_map50", values["map"].float(), prog_bar=True, sync_dist=False)
             return
-        for key in ("map", "map_50", "map_75"):
+        for key in COCO_STATS:
             for iou in ("bbox", "segm") if self.masks else ("bbox",):
                 name = f"{iou}_{key}" if self.masks else key
                 if name in values:
