@@ -117,3 +117,16 @@ def test_dense_paper_configs_test_the_final_adapter_and_sync_batchnorm(name):
     assert config["adapter_choice"] == "last"  # the release reports its final checkpoint
     assert config["trainer"]["sync_batchnorm"] is True  # the release's SyncBN in the heads
     assert config["model"]["init_args"]["paramwise"]["custom_keys"]["norm"] == 0.0
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda p: p.stem)
+def test_classification_paper_configs_test_the_final_adapter(task):
+    assert yaml.safe_load(task.read_text())["adapter_choice"] == "last"  # the release keeps only its final checkpoint
+
+
+def test_adapter_choice_and_sync_batchnorm_resolve_and_override():
+    dense = ["-c", str(ROOT / "configs" / "seg" / "ade20k_upernet_swin_l.yaml"),
+             "-c", str(ROOT / "configs" / "methods" / "mona.yaml")]  # fmt: skip
+    config = resolved(*dense)
+    assert (config["adapter_choice"], config["trainer"]["sync_batchnorm"]) == ("last", True)
+    assert resolved(*dense, "--adapter_choice", "best")["adapter_choice"] == "best"

@@ -140,8 +140,10 @@ def test_adapter_choice_last_tests_the_final_epoch(fitted_run, tmp_path):
     assert run_main("validate", "-c", fitted_run / "config.yaml", "--adapter_choice", "last") == 0
     resolved = yaml.safe_load((fitted_run / "validate" / "config.yaml").read_text())
     assert resolved["model"]["init_args"]["adapter"] == str(fitted_run / "adapter-last")
+    assert read_json(fitted_run / "validate" / "results.json")["adapter_dir"] == str(fitted_run / "adapter-last")
     assert run_main("validate", "-c", fitted_run / "config.yaml") == 0
     resolved = yaml.safe_load((fitted_run / "validate" / "config.yaml").read_text())
     assert resolved["model"]["init_args"]["adapter"] == str(fitted_run / "adapter-best")
+    assert read_json(fitted_run / "validate" / "results.json")["adapter_dir"] == str(fitted_run / "adapter-best")
     last = read_json(fitted_run / "adapter-last" / "adapter_config.json")["metadata"]
     assert last["epoch"] == EPOCHS - 1

@@ -204,7 +204,9 @@ class RunSummary(Callback):
 
     def _eval_end(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
-        self._write(trainer, {"metrics": metrics, **self._common(trainer, pl_module)})
+        # which weights were scored: the run's adapter-best/ or adapter-last/ (--adapter_choice), or one given
+        adapter = getattr(pl_module, "adapter_path", None)
+        self._write(trainer, {"metrics": metrics, "adapter_dir": adapter, **self._common(trainer, pl_module)})
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.state.fn == "validate":

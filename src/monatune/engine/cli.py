@@ -80,8 +80,9 @@ class MonatuneCLI(LightningCLI):
         parser.add_argument("--save_every_n_steps", type=int, default=100, help="fit: steps between resumable checkpoints")
         parser.add_argument(
             "--adapter_choice", type=Literal["best", "last"], default="best",
-            help="validate/test/predict: the run's adapter-best/ (best validation epoch) or adapter-last/ (final "
-            "epoch; the paper configs' choice, as the release reports its final checkpoint)",
+            help="validate/test/predict: the run's adapter-last/ (final epoch; the paper configs' choice, as the "
+            "release reports its final checkpoint) or adapter-best/ (best validation epoch; optimistic where the "
+            "validation split is the test split, as in the paper configs)",
         )
 
     def before_instantiate_classes(self) -> None:

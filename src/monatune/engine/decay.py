@@ -15,8 +15,10 @@ parameter instead), for each trainable parameter of a module at ``prefix`` named
 
 The names the rule sees are the release's: :meth:`~monatune.engine.TunedModule.release_name`
 maps monatune's (the tuned backbone's parameters under ``backbone.``, a detector's FPN under
-``neck.``). Within the backbone timm's Swin names are the release's, and Mona's LayerNorm is named
-``norm`` in both (``my_module_1.norm`` there), so substring keys decide alike.
+``neck.``, heads under the release's ``rpn_head.``, ``roi_head.``, ``bbox_head.``, ``decode_head.``,
+``auxiliary_head.``). Within the backbone timm's Swin names are the release's, and Mona's LayerNorm
+is named ``norm`` in both (``my_module_1.norm`` there), so substring keys decide alike; inside the
+heads no name contains ``norm`` in either (the release's BatchNorms are ConvModule's ``bn``).
 """
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 A task (classification here; detection and segmentation build on the same base) says how
 to build its network and what its loss and metric are. The base does what the release's
-recipes share: load the pretrained file, apply the tuning method, AdamW with no weight
-decay on norms, biases and position tables (timm's parameter groups), a warm-up + cosine /
+recipes share: load the pretrained file, apply the tuning method, AdamW with the weight-decay
+groups the config asks for (timm's: none on 1-D parameters and position tables; or the release's
+mmcv ``paramwise_cfg`` rule, :mod:`monatune.engine.decay`), a warm-up + cosine /
 step / poly schedule stepped every iteration (timm's schedulers), small resumable
 checkpoints, and the RNG state a mid-epoch resume needs to end with the same weights.
 """
@@ -30,6 +31,8 @@ __all__ = ["TunedModule", "SCHEDULES"]
 SCHEDULES = ("cosine", "step", "poly", "constant")
 FROZEN_PRECISIONS = ("bf16", "fp16")
 _RNG_KEY = "monatune_rng"
+# a dense network's top-level part -> the release's (mmdet 2.x / mmseg 0.x) name for it, for ``paramwise``
+_RELEASE_PARTS = {"rpn": "rpn_head", "roi_heads": "roi_head", "head": "bbox_head", "aux_head": "auxiliary_head"}
 
 
 def _existing_file(path: str | None, what: str) -> str | None:
@@ -235,19 +238,27 @@ class TunedModule(L.LightningModule):
     def release_name(self, name: str) -> str:
         """The name the release's model gives the parameter ``name`` of the network (for ``paramwise``).
 
-        The tuned backbone's parameters are under ``backbone.`` (their names inside it are timm's,
-        which are the release's for Swin); the rest of a detector's ``backbone`` (the FPN) is the
-        release's ``neck.``; heads keep their names.
+        The release's mmdet/mmseg/mmcls models name their parts ``backbone``, ``neck``, ``rpn_head``,
+        ``roi_head``, ``bbox_head``, ``decode_head``, ``auxiliary_head`` and ``head``; mmcv's rule
+        matches key substrings against those full names. So the tuned backbone's parameters go under
+        ``backbone.`` (their names inside it are timm's, which are the release's for Swin, and a
+        Mona's LayerNorm is ``norm`` in both), the rest of a detector's ``backbone`` (the FPN) under
+        ``neck.``, and a head's first name component becomes the release's (``roi_heads`` ->
+        ``roi_head``, ``rpn`` -> ``rpn_head``, a RetinaNet's ``head`` -> ``bbox_head``, ``aux_head``
+        -> ``auxiliary_head``; a classifier's ``head`` stays ``head``). Names inside the heads stay
+        monatune's: none contains ``norm`` (their BatchNorms are torchvision's ``Conv2dNormActivation``
+        children ``1``, the release's ConvModule ``bn``), which ``tests/engine/test_decay.py`` checks.
         """
         prefix = next(n for n, m in self.model.named_modules() if m is self.tuned)
         name = name.lstrip(".")
-        if not prefix:
-            return f"backbone.{name}"
+        if not prefix:  # the whole network is tuned (a classifier): only its classifier is outside the backbone
+            return name if name.startswith("head.") else f"backbone.{name}"
         if name.startswith(prefix + "."):
             return f"backbone.{name[len(prefix) + 1:]}"
         if name.startswith("backbone."):
             return f"neck.{name[len('backbone.'):]}"
-        return name
+        first, _, rest = name.partition(".")
+        return f"{_RELEASE_PARTS.get(first, first)}.{rest}"
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.paramwise is not None:
