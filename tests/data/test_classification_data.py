@@ -17,6 +17,7 @@ from monatune.data.classification import (
     build_classification_dataset,
     detect_format,
 )
+from monatune.data.images import Skipped
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -206,7 +207,7 @@ def test_release_missing_image(release):
         build(release, "val")
     assert str(release / "val/gone.jpg") in str(e.value) and "line 3" in str(e.value)
     ds = build(release, "val", on_bad_image="skip")
-    assert ds[0][1] == 1 and ds[1] is None and ds.skipped == 1
+    assert ds[0][1] == 1 and ds[1] == Skipped(str(release / "val/gone.jpg")) and ds.skipped == 1
 
 
 # --- torchvision layouts ---------------------------------------------------------------------------
@@ -346,6 +347,6 @@ def test_bad_image_errors_or_skips(imagefolder, kind):
     with pytest.raises(BadImageError) as e:
         ds[i]
     assert f"'{bad}'" in str(e.value) and "data.on_bad_image=skip" in str(e.value)
-    assert skipping[i] is None and skipping.skipped == 1
+    assert skipping[i] == Skipped(str(bad)) and skipping.skipped == 1
     assert skipping[len(ds) - 1][1] == 1 and skipping.skipped == 1  # good images still load
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False

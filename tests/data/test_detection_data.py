@@ -21,6 +21,7 @@ from monatune.data.detection import (
     read_coco,
     read_voc,
 )
+from monatune.data.images import Skipped
 
 H, W = 48, 64
 
@@ -224,11 +225,12 @@ def test_bad_images_raise_or_are_skipped(coco):
     with pytest.raises(BadImageError, match="64x49 but its annotations say 64x48"):
         read_quietly(images, json_file)[2]
     ds = read_quietly(images, json_file, on_bad_image="skip")
-    assert ds[1] is None and ds[2] is None and ds[0] is not None and ds.skipped == 2
+    assert ds[1] == Skipped(str(images / "b.jpg")) and ds[2] == Skipped(str(images / "sub/c.jpg"))
+    assert not isinstance(ds[0], Skipped) and ds.skipped == 2
     (images / "a.jpg").unlink()
     with pytest.raises(BadImageError, match="a.jpg' listed in .*instances.json"):
         read_quietly(images, json_file)
-    assert read_quietly(images, json_file, on_bad_image="skip")[0] is None
+    assert read_quietly(images, json_file, on_bad_image="skip")[0] == Skipped(str(images / "a.jpg"))
 
 
 # --- transforms and batching ---------------------------------------------------------------------
@@ -327,10 +329,10 @@ def test_collate_drops_skipped_and_moves_paths(coco):
     (images / "b.jpg").write_bytes(b"broken")
     ds = read_quietly(images, json_file, on_bad_image="skip")
     batch = collate_detection([ds[i] for i in range(3)])
-    assert batch["skipped"] == 1 and len(batch["images"]) == len(batch["targets"]) == 2
+    assert batch["skipped"] == [str(images / "b.jpg")] and len(batch["images"]) == len(batch["targets"]) == 2
     assert [Path(p).name for p in batch["paths"]] == ["a.jpg", "c.jpg"]
     assert all("path" not in t for t in batch["targets"]) and batch["targets"][1]["image_id"] == 9
-    assert collate_detection([None]) == {"images": [], "targets": [], "paths": [], "skipped": 1}
+    assert collate_detection([Skipped("x.jpg")]) == {"images": [], "targets": [], "paths": [], "skipped": ["x.jpg"]}
 
 
 # --- VOC -----------------------------------------------------------------------------------------

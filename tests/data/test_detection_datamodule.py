@@ -72,7 +72,7 @@ def test_coco_train_batches_are_resized_and_consistent(coco_root):
     assert len(batches) == math.ceil(N_TRAIN / 2)
     paths = []
     for batch in batches:
-        assert set(batch) == {"images", "targets", "paths", "skipped"} and batch["skipped"] == 0
+        assert set(batch) == {"images", "targets", "paths", "skipped"} and batch["skipped"] == []
         assert len(batch["images"]) == len(batch["targets"]) == len(batch["paths"])
         for image, target in zip(batch["images"], batch["targets"]):
             assert image.dtype == torch.float32 and image.shape[0] == 3
@@ -269,7 +269,7 @@ def test_predict_folder(coco_root, tmp_path):
     dm = coco_data(coco_root, predict_path=str(folder))
     paths = []
     for batch in dm.predict_dataloader():
-        assert batch["skipped"] == 0
+        assert batch["skipped"] == []
         for image, target, path in zip(batch["images"], batch["targets"], batch["paths"]):
             w, h = sizes[Path(path).name]
             assert image.dtype == torch.float32 and tuple(image.shape) == (3, h, w)

@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from monatune.data.classification import BadAnnotationError, BadImageError
+from monatune.data.images import Skipped
 from monatune.data.segmentation import (
     ADE20K_CLASSES,
     PadTo,
@@ -166,7 +167,8 @@ def test_corrupt_image_is_skipped_or_raises(tmp_path):
     write_mask(tmp_path / "masks/train/y.png", blocks((1, 1, 1, 1)))
     Path(tmp_path / "images/train/x.jpg").write_bytes(b"\xff\xd8 truncated")
     skipping = read_masks(tmp_path, "train", classes=["a", "b", "c"], on_bad_image="skip")
-    assert skipping[0] is None and skipping.skipped == 1 and skipping[1] is not None
+    assert skipping[0] == Skipped(str(tmp_path / "images/train/x.jpg")) and skipping.skipped == 1
+    assert not isinstance(skipping[1], Skipped)
     with pytest.raises(BadImageError, match=r"x\.jpg"):
         ds[0]
 
@@ -321,11 +323,11 @@ def test_transforms_pickle_for_workers():
 
 def test_collate_stacks_equal_sizes_and_drops_skipped():
     a, b = sample(blocks((0, 1, 2, 3))), sample(blocks((3, 2, 1, 0)))
-    batch = collate_segmentation([a, None, (*b, "b.jpg")])
+    batch = collate_segmentation([a, Skipped("x.jpg"), (*b, "b.jpg")])
     assert batch["images"].shape == (2, 3, H, W) and batch["masks"].shape == (2, H, W)
-    assert batch["masks"].dtype == torch.int64 and batch["paths"] == ["", "b.jpg"] and batch["skipped"] == 1
+    assert batch["masks"].dtype == torch.int64 and batch["paths"] == ["", "b.jpg"] and batch["skipped"] == ["x.jpg"]
     c = sample(blocks((0, 0, 1, 1), 16, 16))
     mixed = collate_segmentation([{"image": c[0], "mask": c[1], "path": "c.png"}, a])
     assert isinstance(mixed["images"], list) and [m.shape for m in mixed["masks"]] == [(16, 16), (H, W)]
-    assert mixed["paths"] == ["c.png", ""] and mixed["skipped"] == 0
-    assert collate_segmentation([None])["skipped"] == 1
+    assert mixed["paths"] == ["c.png", ""] and mixed["skipped"] == []
+    assert collate_segmentation([Skipped("x.jpg")])["skipped"] == ["x.jpg"]

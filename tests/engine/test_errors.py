@@ -53,7 +53,7 @@ def test_unreadable_image_stops_fit_naming_it(configs, data_with_broken_image, t
     message = error_text(capsys)
     if workers:  # torch re-raises a worker's error with the worker's traceback before the error's own text
         assert message.startswith("Caught BadImageError in DataLoader worker process")
-        message = message.splitlines()[-1].removeprefix("monatune.data.classification.BadImageError: ")
+        message = message.splitlines()[-1].removeprefix("monatune.data.images.BadImageError: ")
     assert message.startswith(f"cannot read image '{broken}'") and "on_bad_image=skip" in message
     assert not (run_dir / "results.json").exists() and not (run_dir / "adapter-last").exists()  # not a finished run
 

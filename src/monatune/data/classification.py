@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+# image reading lives in .images; these names stay importable from here
+from .images import _IMAGE_ERRORS, _SKIP_HINT, ON_BAD_IMAGE, BadImageError, Skipped, _check_on_bad_image, open_image
 
 __all__ = [
     "FORMATS",
@@ -52,38 +54,10 @@ _TORCHVISION_SPLITS = {
     "pets": ("trainval", "test"),
     "voc2007": ("train", "val", "trainval", "test"),
 }
-ON_BAD_IMAGE = ("error", "skip")
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
-_SKIP_HINT = "or set data.on_bad_image=skip to skip unreadable images"
-# What PIL raises for a missing, unidentified, truncated or otherwise broken file. The transform is
-# applied outside the ``try``, so its own errors are never taken for a bad image.
-_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-
-def open_image(path: str, on_bad_image: str, size: tuple[int, int] | None = None) -> Image.Image | None:
-    """The RGB image at ``path``; None for an unreadable one when ``on_bad_image="skip"``.
-
-    ``size`` (width, height), when given, is what the annotations say; another size counts as unreadable.
-    Otherwise an unreadable image raises :class:`BadImageError` naming the file.
-    """
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")  # decodes the whole file, so truncation fails here
-        if size is not None and image.size != size:
-            raise ValueError(f"it is {image.width}x{image.height} but its annotations say {size[0]}x{size[1]}")
-    except _IMAGE_ERRORS as e:
-        if on_bad_image == "skip":
-            return None
-        reason = f"{type(e).__name__}: {e}"
-        raise BadImageError(f"cannot read image '{path}' ({reason}); fix or remove it, {_SKIP_HINT}") from e
-    return image
-
-
-class BadImageError(ValueError):
-    """An image file is missing or cannot be decoded."""
 
 
 class BadAnnotationError(ValueError):
@@ -95,8 +69,8 @@ class ClassificationDataset(Dataset):
 
     The target is an ``int`` class index, or with ``multilabel`` a float32 tensor ``[num_classes]``
     holding 1 (present), 0 (absent) or -1 (ignore: VOC objects all marked difficult). An unreadable
-    image raises :class:`BadImageError` (``on_bad_image="error"``) or gives ``None`` (``"skip"``);
-    ``skipped`` counts those in this process only.
+    image raises :class:`BadImageError` (``on_bad_image="error"``) or gives a
+    :class:`~monatune.data.images.Skipped` marker (``"skip"``); ``skipped`` counts those in this process only.
 
     Args:
         paths: image file of each item.
@@ -148,11 +122,11 @@ class ClassificationDataset(Dataset):
         """Image file of item ``i``."""
         return self._paths[i]
 
-    def __getitem__(self, i: int) -> tuple[Any, int | Tensor] | None:
+    def __getitem__(self, i: int) -> tuple[Any, int | Tensor] | Skipped:
         image = open_image(self._paths[i], self.on_bad_image)
-        if image is None:
+        if isinstance(image, Skipped):
             self.skipped += 1
-            return None
+            return image
         if self.transform is not None:
             image = self.transform(image)
         return image, (self.targets[i].clone() if self.multilabel else self.targets[i])
@@ -188,7 +162,7 @@ def build_classification_dataset(
             Without it a VOC image's label is the class of its largest non-difficult object
             (largest object if all are difficult), as in the release's single-label scoring.
         transform: applied to the PIL RGB image.
-        on_bad_image: ``"error"`` raises :class:`BadImageError`; ``"skip"`` makes ``dataset[i]`` ``None``.
+        on_bad_image: ``"error"`` raises :class:`BadImageError`; ``"skip"`` makes ``dataset[i]`` a ``Skipped`` marker.
 
     Example:
         >>> ds = build_classification_dataset("data/flowers", "train", transform=T.ToTensor())
@@ -251,11 +225,6 @@ def detect_format(root: str | Path) -> str:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def _check_on_bad_image(value: str) -> None:
-    if value not in ON_BAD_IMAGE:
-        raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {value!r}")
 
 
 def _check_split(split: str, available: Sequence[str], where: str) -> None:

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .classification import DEFAULT_SPLITS, build_classification_dataset, detect_format, open_image
+from .classification import DEFAULT_SPLITS, build_classification_dataset, detect_format
+from .images import Skipped, open_image
 from .loading import ShardedDataModule
 
 __all__ = ["ClassificationData", "ImageFiles", "IMAGENET_MEAN", "IMAGENET_STD", "classification_transforms"]
@@ -48,10 +49,10 @@ class _Items(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, i: int) -> dict[str, Any] | Skipped:
         item = self.dataset[i]
-        if item is None:  # unreadable and skipped (on_bad_image="skip")
-            return None
+        if isinstance(item, Skipped):  # unreadable and skipped (on_bad_image="skip")
+            return item
         image, target = item
         return {"image": image, self.target_key: target, "path": self.dataset.path(i)}
 
@@ -74,9 +75,9 @@ class ImageFiles(Dataset):
     def path(self, i: int) -> str:
         return str(self.files[i])
 
-    def __getitem__(self, i: int) -> tuple[Any, int] | None:
+    def __getitem__(self, i: int) -> tuple[Any, int] | Skipped:
         image = open_image(str(self.files[i]), self.on_bad_image)
-        return None if image is None else (self.transform(image), -1)
+        return image if isinstance(image, Skipped) else (self.transform(image), -1)
 
 
 class ClassificationData(ShardedDataModule):

@@ -32,14 +32,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .classification import (
-    _SKIP_HINT,
-    open_image,
-    VOC_CLASSES,
-    BadAnnotationError,
-    BadImageError,
-    _check_on_bad_image,
-)
+from .classification import VOC_CLASSES, BadAnnotationError
+from .images import _SKIP_HINT, BadImageError, Skipped, _check_on_bad_image, open_image
 
 __all__ = [
     "ON_BAD_ANNOTATION",
@@ -75,8 +69,8 @@ class DetectionDataset(Dataset):
     - ``image_id`` (int): COCO's image id; for VOC the item's index.
     - ``path`` (str): the image file (:func:`collate_detection` moves it out of the target).
 
-    An unreadable image raises :class:`BadImageError` (``on_bad_image="error"``) or gives ``None``
-    (``"skip"``); ``skipped`` counts those in this process only.
+    An unreadable image raises :class:`BadImageError` (``on_bad_image="error"``) or gives a
+    :class:`~monatune.data.images.Skipped` marker (``"skip"``); ``skipped`` counts those in this process only.
 
     Args:
         paths: image file of each item.
@@ -133,12 +127,12 @@ class DetectionDataset(Dataset):
         """Image file of item ``i``."""
         return self._paths[i]
 
-    def __getitem__(self, i: int) -> tuple[Any, dict[str, Any]] | None:
+    def __getitem__(self, i: int) -> tuple[Any, dict[str, Any]] | Skipped:
         path, (h, w) = self._paths[i], self._sizes[i]
         pil = open_image(path, self.on_bad_image, size=(w, h))
-        if pil is None:
+        if isinstance(pil, Skipped):
             self.skipped += 1
-            return None
+            return pil
         image = tv_tensors.Image(F.pil_to_tensor(pil))
         target = self._target(i, h, w)
         if self.transforms is not None:
@@ -218,7 +212,7 @@ def read_coco(
         on_bad_annotation: ``"drop"`` drops a malformed annotation, lists it in ``problems`` and warns
             once; ``"error"`` raises :class:`BadAnnotationError` naming the file and annotation id.
         on_bad_image: ``"error"`` raises :class:`BadImageError` (and checks at once that every image
-            exists); ``"skip"`` makes ``dataset[i]`` ``None``.
+            exists); ``"skip"`` makes ``dataset[i]`` a ``Skipped`` marker.
         transforms: called as ``transforms(image, target)``, e.g. :func:`detection_transforms`.
 
     Example:
@@ -631,18 +625,18 @@ def detection_transforms(
     return v2.Compose(steps)
 
 
-def collate_detection(items: Sequence[tuple[Any, dict[str, Any]] | None]) -> dict[str, Any]:
-    """Batch detection items as lists, dropping ``None`` (skipped images).
+def collate_detection(items: Sequence[tuple[Any, dict[str, Any]] | Skipped]) -> dict[str, Any]:
+    """Batch detection items as lists, dropping :class:`~monatune.data.images.Skipped` markers.
 
     Returns:
-        ``{"images": [Tensor], "targets": [dict], "paths": [str], "skipped": int}``; each target's
-        ``path`` is moved to ``paths``.
+        ``{"images": [Tensor], "targets": [dict], "paths": [str], "skipped": [str]}``; each target's
+        ``path`` is moved to ``paths``; ``skipped`` lists the files of the dropped items.
     """
-    kept = [item for item in items if item is not None]
+    kept = [item for item in items if not isinstance(item, Skipped)]
     targets = [{k: v for k, v in target.items() if k != "path"} for _, target in kept]
     return {
         "images": [image for image, _ in kept],
         "targets": targets,
         "paths": [target.get("path", "") for _, target in kept],
-        "skipped": len(items) - len(kept),
+        "skipped": [item.path for item in items if isinstance(item, Skipped)],
     }

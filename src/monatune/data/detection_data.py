@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from .classification import VOC_CLASSES, _check_on_bad_image
+from .classification import VOC_CLASSES
 from .classification_data import ImageFiles
 from .detection import (
     COCO_CROP_RANGE,
@@ -21,6 +21,7 @@ from .detection import (
     read_coco,
     read_voc,
 )
+from .images import Skipped, _check_on_bad_image
 from .loading import ShardedDataModule
 
 __all__ = ["DetectionData", "DEFAULT_DETECTION_SPLITS"]
@@ -65,10 +66,10 @@ class _Unannotated(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[Any, dict[str, Any]] | None:
+    def __getitem__(self, i: int) -> tuple[Any, dict[str, Any]] | Skipped:
         item = self.files[i]
-        if item is None:
-            return None
+        if isinstance(item, Skipped):
+            return item
         image = item[0]
         h, w = image.shape[-2:]
         target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),

@@ -22,6 +22,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from .images import Skipped
+
 __all__ = [
     "EpochSampler", "ShardSampler", "SeededDataset", "ResumableLoader", "collate_skipping", "dist_info", "process_share",
     "ShardedDataModule",
@@ -119,13 +121,14 @@ class SeededDataset(Dataset):
 
 
 def collate_skipping(items: Sequence[Any]) -> dict[str, Any]:
-    """Collate ``{"image", "target", ...}`` dicts, dropping ``None`` (skipped unreadable images).
+    """Collate ``{"image", "target", ...}`` dicts, dropping :class:`~monatune.data.images.Skipped` markers.
 
-    Adds ``"skipped"``: how many items of this batch were dropped.
+    Adds ``"skipped"``: the files of the items dropped from this batch (unreadable images under
+    ``on_bad_image="skip"``), which :class:`~monatune.engine.RunSummary` reports.
     """
-    kept = [item for item in items if item is not None]
+    kept = [item for item in items if not isinstance(item, Skipped)]
     batch = default_collate(kept) if kept else {}
-    batch["skipped"] = len(items) - len(kept)
+    batch["skipped"] = [item.path for item in items if isinstance(item, Skipped)]
     return batch
 
 

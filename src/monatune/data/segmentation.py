@@ -33,15 +33,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from .classification_data import IMAGENET_MEAN, IMAGENET_STD
-from .classification import (
-    _IMAGE_ERRORS,
-    _SKIP_HINT,
-    BadAnnotationError,
-    BadImageError,
-    _check_on_bad_image,
-    _class_names,
-    open_image,
-)
+from .classification import BadAnnotationError, _class_names
+from .images import _IMAGE_ERRORS, _SKIP_HINT, BadImageError, Skipped, _check_on_bad_image, open_image
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -96,7 +89,8 @@ class SegmentationDataset(Dataset):
     Each read checks the mask: it must decode, have its image's size, and hold only labels below
     ``len(classes)`` or 255 (after ``reduce_zero_label``); otherwise :class:`BadAnnotationError` names
     the files. A missing or undecodable image raises :class:`BadImageError` (``on_bad_image="error"``)
-    or gives ``None`` (``"skip"``), counted in ``skipped`` (this process only). To find every problem
+    or gives a :class:`~monatune.data.images.Skipped` marker (``"skip"``), counted in ``skipped`` (this
+    process only). To find every problem
     before a long run, call :meth:`check_all`.
 
     Args:
@@ -146,11 +140,11 @@ class SegmentationDataset(Dataset):
         """Label PNG of item ``i``."""
         return self._masks[i]
 
-    def __getitem__(self, i: int) -> tuple[Any, Any] | None:
+    def __getitem__(self, i: int) -> tuple[Any, Any] | Skipped:
         pil = open_image(self._images[i], self.on_bad_image)
-        if pil is None:
+        if isinstance(pil, Skipped):
             self.skipped += 1
-            return None
+            return pil
         image = tv_tensors.Image(F.pil_to_tensor(pil))
         mask = tv_tensors.Mask(torch.from_numpy(self.read_mask(i, pil.size)))
         if self.transforms is not None:
@@ -608,7 +602,7 @@ def segmentation_transforms(
 
 
 def collate_segmentation(items: Sequence[Any]) -> dict[str, Any]:
-    """Batch segmentation items, dropping ``None`` (skipped images).
+    """Batch segmentation items, dropping :class:`~monatune.data.images.Skipped` markers (skipped images).
 
     Items are ``(image, mask)``, ``(image, mask, path)`` or ``{"image", "mask", "path"}`` dicts.
     Images are stacked into one tensor when they all have the same size (training crops), else
@@ -616,11 +610,13 @@ def collate_segmentation(items: Sequence[Any]) -> dict[str, Any]:
 
     Returns:
         ``{"images": Tensor [B, 3, H, W] or [Tensor], "masks": Tensor [B, H, W] or [Tensor],
-        "paths": [str], "skipped": int}``; paths are ``""`` for items without one.
+        "paths": [str], "skipped": [str]}``; paths are ``""`` for items without one; ``skipped`` lists
+        the files of the dropped items.
     """
-    images, masks, paths = [], [], []
+    images, masks, paths, skipped = [], [], [], []
     for item in items:
-        if item is None:
+        if isinstance(item, Skipped):
+            skipped.append(item.path)
             continue
         if isinstance(item, dict):
             image, mask, path = item["image"], item["mask"], item.get("path", "")
@@ -631,7 +627,7 @@ def collate_segmentation(items: Sequence[Any]) -> dict[str, Any]:
         masks.append(mask)
         paths.append(str(path))
     return {"images": _stack_if_same(images), "masks": _stack_if_same(masks), "paths": paths,
-            "skipped": len(items) - len(images)}  # fmt: skip
+            "skipped": skipped}  # fmt: skip
 
 
 def _stack_if_same(tensors: list[Tensor]) -> Tensor | list[Tensor]:

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from .classification import _check_on_bad_image, open_image
+from .images import Skipped, _check_on_bad_image, open_image
 from .classification_data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, _Items
 from .loading import ShardedDataModule
 from .segmentation import (
@@ -36,10 +36,10 @@ class _Unlabelled(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, i: int) -> dict[str, Any] | Skipped:
         pil = open_image(self.paths[i], self.on_bad_image)
-        if pil is None:
-            return None
+        if isinstance(pil, Skipped):
+            return pil
         image = tv_tensors.Image(F.pil_to_tensor(pil))
         mask = tv_tensors.Mask(torch.full(image.shape[-2:], IGNORE_INDEX, dtype=torch.int64))
         image, mask = self.transform(image, mask)

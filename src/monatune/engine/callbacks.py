@@ -136,11 +136,11 @@ class RunSummary(Callback):
         self._sync(pl_module)
         self.step_seconds.append(time.perf_counter() - self._t0)
         self.images += len(batch.get("image", batch.get("images", [])))
-        self.skipped += int(batch.get("skipped", 0))
+        self.skipped += len(batch.get("skipped") or [])
 
     def _on_eval_batch(self, batch: Any) -> None:
         if isinstance(batch, dict):
-            self.skipped += int(batch.get("skipped", 0))
+            self.skipped += len(batch.get("skipped") or [])
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
         if trainer.state.fn != "fit":
@@ -286,8 +286,9 @@ def caption(row: dict[str, Any], width: int = 320):  # noqa: ANN201
     """The image with its top classes and scores written underneath."""
     from PIL import Image, ImageDraw
 
-    with Image.open(row["path"]) as im:
-        image = im.convert("RGB")
+    from ..data.images import read_rgb
+
+    image = read_rgb(row["path"])  # 16-bit and float images scaled as the model saw them
     scale = width / max(image.size)
     if scale < 1 or max(image.size) < 160:  # shrink large images, enlarge tiny ones (digits, icons)
         image = image.resize((max(round(image.width * scale), 1), max(round(image.height * scale), 1)),

@@ -243,13 +243,13 @@ def draw_detections(row: dict[str, Any]) -> Any:
 
     Colours follow the label, so one class keeps one colour across images.
     """
-    from PIL import Image
     from pycocotools import mask as mask_utils
     from torchvision.transforms.v2 import functional as F
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    with Image.open(row["path"]) as im:
-        image = F.pil_to_tensor(im.convert("RGB"))
+    from ..data.images import read_rgb
+
+    image = F.pil_to_tensor(read_rgb(row["path"]))  # 16-bit and float images scaled as the model saw them
     colours = [_colour(label) for label in row["labels"]]
     if row.get("masks"):
         masks = torch.from_numpy(mask_utils.decode([{**m, "counts": m["counts"].encode("ascii")} for m in row["masks"]]))

@@ -59,8 +59,9 @@ def draw_segmentation(row: dict[str, Any], alpha: float = 0.5) -> Any:
     """The image of a ``predict`` row with its predicted classes blended over it in colour (a PIL image)."""
     from PIL import Image
 
-    with Image.open(row["path"]) as im:
-        image = np.asarray(im.convert("RGB"), dtype=np.float32)
+    from ..data.images import read_rgb
+
+    image = np.asarray(read_rgb(row["path"]), dtype=np.float32)  # 16-bit and float images as the model saw them
     with Image.open(row["mask"]) as m:
         labels = np.asarray(m, dtype=np.int64)
     colours = palette(row["num_classes"])[labels.clip(0, row["num_classes"] - 1)].astype(np.float32)
