@@ -109,13 +109,26 @@ class AdapterCheckpoint(Callback):
 
 
 class RunSummary(Callback):
-    """Times the training steps and writes ``results.json`` (and ``curves.png`` after ``fit``)."""
+    """Times the training steps and writes ``results.json`` (and ``curves.png`` after ``fit``).
 
-    def __init__(self, warmup_steps: int = 3) -> None:
-        self.warmup_steps = warmup_steps
+    It also reports the images ``on_bad_image=skip`` left out (the batches' ``"skipped"`` paths):
+    at the end of each training epoch and evaluation pass it gathers them from every process,
+    warns once per run naming each new file, and raises :class:`~monatune.data.images.BadImageError`
+    when the pass read no image at all. ``results.json`` holds ``skipped_images``, the number of
+    distinct files, and ``skipped_files``, their paths (the first ``max_listed``, sorted).
+
+    Args:
+        warmup_steps: Steps left out of the timing.
+        max_listed: How many skipped files ``results.json`` and one warning list by name.
+    """
+
+    def __init__(self, warmup_steps: int = 3, max_listed: int = 100) -> None:
+        self.warmup_steps, self.max_listed = warmup_steps, max_listed
         self.step_seconds: list[float] = []
         self.images = 0
-        self.skipped = 0
+        self.skipped_files: set[str] = set()  # every process's, this run (kept in the resumable checkpoint)
+        self._pass_skipped: dict[str, list[str]] = {}  # this process's, in the current pass of each stage
+        self._pass_images: dict[str, int] = {}
         self._t0 = 0.0
         self._started = 0.0
 
@@ -136,18 +149,101 @@ class RunSummary(Callback):
         self._sync(pl_module)
         self.step_seconds.append(time.perf_counter() - self._t0)
         self.images += len(batch.get("image", batch.get("images", [])))
-        self.skipped += len(batch.get("skipped") or [])
+        self._count(batch, "train")
 
-    def _on_eval_batch(self, batch: Any) -> None:
-        if isinstance(batch, dict):
-            self.skipped += len(batch.get("skipped") or [])
+    def _count(self, batch: Any, stage: str) -> None:
+        if not isinstance(batch, dict):
+            return
+        self._pass_skipped.setdefault(stage, []).extend(batch.get("skipped") or [])
+        images = batch.get("image", batch.get("images"))
+        self._pass_images[stage] = self._pass_images.get(stage, 0) + (len(images) if images is not None else 0)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
-        if trainer.state.fn != "fit":
-            self._on_eval_batch(batch)
+        if not trainer.sanity_checking:  # the sanity check's batches are read again by the first real pass
+            self._count(batch, "val")
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
-        self._on_eval_batch(batch)
+        self._count(batch, "test")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        self._count(batch, "predict")
+
+    @staticmethod
+    def _listing(paths: list[str], limit: int) -> str:
+        shown = ", ".join(f"'{p}'" for p in paths[:limit])
+        return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+    @staticmethod
+    def _split_name(trainer: L.Trainer, stage: str) -> str:
+        """``"split 'train' "`` from the data module's ``splits`` (train, val, test), else ``""``."""
+        data = trainer.datamodule
+        if stage == "predict":
+            path = getattr(data, "predict_path", None)
+            return f"files under '{path}' " if path else ""
+        splits = getattr(data, "splits", None)
+        return f"split {splits[('train', 'val', 'test').index(stage)]!r} " if splits and len(splits) == 3 else ""
+
+    def _end_pass(self, trainer: L.Trainer, stage: str) -> None:
+        """Gather the pass's skipped files from every process; warn about new ones; fail if nothing was read."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from ..data.images import BadImageError
+
+        local = (self._pass_skipped.pop(stage, []), self._pass_images.pop(stage, 0))
+        parts = [local]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, local)
+        skipped = sorted({path for files, _ in parts for path in files})
+        read = sum(n for _, n in parts)
+        new = [path for path in skipped if path not in self.skipped_files]
+        self.skipped_files.update(new)
+        what = {"train": "training", "val": "validation", "test": "test", "predict": "predict"}[stage]
+        if new:
+            rank_zero_warn(f"on_bad_image=skip left out {len(new)} unreadable image(s) in this {what} pass "
+                           f"({len(self.skipped_files)} in the run so far; each is named once): "
+                           f"{self._listing(new, self.max_listed)}")  # fmt: skip
+        if skipped and read == 0:
+            split = self._split_name(trainer, stage)
+            raise BadImageError(
+                f"no image of the {what} {split}could be read: all {len(skipped)} were unreadable and skipped "
+                f"(on_bad_image=skip), e.g. {self._listing(skipped, 3)}; there is nothing to "
+                f"{'train on' if stage == 'train' else 'evaluate'}. Fix or replace those files, or check data.root "
+                "(and data.splits); with on_bad_image=error the first one stops the run with its reason"
+            )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end_pass(trainer, "train")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the epoch's validation runs before on_train_epoch_end: end the training pass first, so that an
+        # epoch that read no image stops before its untrained weights are scored and saved as adapter-best/
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                self._end_pass(trainer, "train")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            self._pass_skipped.pop("val", None)
+            self._pass_images.pop("val", None)
+            return
+        self._end_pass(trainer, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end_pass(trainer, "test")
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end_pass(trainer, "predict")
+
+    def state_dict(self) -> dict[str, Any]:
+        # with the interrupted pass so far (this process's), so that a resumed run still names and checks it
+        return {"skipped_files": sorted(self.skipped_files), "pass_skipped": self._pass_skipped,
+                "pass_images": self._pass_images}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_files = set(state.get("skipped_files", []))
+        self._pass_skipped = {k: list(v) for k, v in state.get("pass_skipped", {}).items()}
+        self._pass_images = dict(state.get("pass_images", {}))
 
     def _common(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
         report = pl_module.param_report()
@@ -172,7 +268,8 @@ class RunSummary(Callback):
             "devices": trainer.world_size,
             "device_type": pl_module.device.type,
             "precision": str(trainer.precision),
-            "skipped_images": self.skipped,
+            "skipped_images": len(self.skipped_files),  # distinct files, every process and pass
+            "skipped_files": sorted(self.skipped_files)[: self.max_listed],
         }
 
     @rank_zero_only
