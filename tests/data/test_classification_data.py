@@ -160,6 +160,22 @@ def test_imagefolder_unknown_class_folder_in_val(imagefolder):
     assert str(imagefolder / "val/horse") in str(e.value) and "2 classes" in str(e.value)
 
 
+def test_imagefolder_empty_class_folder_is_refused_unless_named(imagefolder):
+    (imagefolder / "train/bird").mkdir()  # no images: it would be a class no image teaches
+    write(imagefolder / "train/eel/notes.txt", "not an image")
+    with pytest.raises(ValueError) as e:
+        build(imagefolder, "train")
+    message = str(e.value)
+    assert f"'{imagefolder / 'train/bird'}', '{imagefolder / 'train/eel'}' hold no images" in message
+    assert "classes=" in message
+    named = build(imagefolder, "train", classes=["bird", "cat", "dog", "eel"])  # named by the user: intended
+    assert named.classes == ["bird", "cat", "dog", "eel"] and sorted(set(named.targets)) == [1, 2]
+    write_image(imagefolder / "train/bird/deep/x.png")  # an image in a sub-folder counts, as make_dataset takes it
+    (imagefolder / "train/eel/notes.txt").unlink()
+    (imagefolder / "train/eel").rmdir()
+    assert build(imagefolder, "train").classes == ["bird", "cat", "dog"]
+
+
 def test_imagefolder_unknown_split_lists_folders(imagefolder):
     with pytest.raises(ValueError, match="unknown split 'valid'.*available: test, train, val"):
         build(imagefolder, "valid")

@@ -157,7 +157,8 @@ def build_classification_dataset(
         format: one of ``FORMATS``, or ``"auto"`` for :func:`detect_format`.
         classes: class names (index = label), or a text file with one name per line. For
             ``imagefolder`` they are folder names, for ``voc2007`` object names; for the others
-            they name the integer labels. Default: what the layout provides.
+            they name the integer labels. Default: what the layout provides (for ``imagefolder`` the
+            class folders, each of which must hold an image; name an empty one here to keep it).
         multilabel: VOC only: targets are vectors (1 present, 0 absent, -1 difficult only).
             Without it a VOC image's label is the class of its largest non-difficult object
             (largest object if all are difficult), as in the release's single-label scoring.
@@ -244,6 +245,14 @@ def _is_image_file(path: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)  # no macOS ._ files
 
 
+def _has_image(folder: Path) -> bool:
+    """Whether ``folder`` or a folder under it holds an image file (the files ``make_dataset`` would take)."""
+    for parent, _, files in os.walk(folder, followlinks=True):
+        if any(_is_image_file(os.path.join(parent, f)) for f in files):
+            return True
+    return False
+
+
 def _read_names_file(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"class-name file '{path}' does not exist")
@@ -299,6 +308,13 @@ def _read_imagefolder(root: Path, split: str, names: list[str] | None) -> tuple[
         names, source = _subfolders(class_dir), f"the class folders of '{class_dir}'"
         if not names:
             raise FileNotFoundError(f"no class folders in '{class_dir}' (expected {class_dir}/<class>/*.jpg)")
+        # an empty folder would still be a class (one more output the model never sees an example of)
+        empty = [c for c in names if not _has_image(class_dir / c)]
+        if empty:
+            listed = ", ".join(f"'{class_dir / c}'" for c in empty[:5]) + (" ..." if len(empty) > 5 else "")
+            raise ValueError(f"class folder(s) {listed} hold no images ({', '.join(IMG_EXTENSIONS)}); remove "
+                             f"them, or pass classes= naming every class, those included, to keep them as "
+                             "classes")  # fmt: skip
     for folder in _subfolders(split_dir):
         if folder not in names:
             raise BadAnnotationError(f"class folder '{split_dir / folder}' is not one of the {len(names)} classes "
