@@ -165,9 +165,12 @@ class ShardedDataModule(L.LightningDataModule):
     A subclass sets ``train_set``, ``val_set``, a ``test_set`` (a property may read it lazily),
     ``batch_size``, ``num_workers`` and ``seed``, and may override ``collate`` (how items batch),
     ``items`` (what wraps a data set for the loaders) and ``predict_set`` (default: the test set).
+    With ``drop_last_train`` every training batch holds ``batch_size`` items: an epoch's incomplete
+    last batch is left out (a different one each epoch, as the order is reshuffled).
     """
 
     collate = staticmethod(collate_skipping)
+    drop_last_train = False
 
     def items(self, dataset: Dataset) -> Dataset:
         return dataset
@@ -189,10 +192,17 @@ class ShardedDataModule(L.LightningDataModule):
         rank, world = self._rank()
         dataset = self.train_items()
         sampler = EpochSampler(len(dataset), seed=self.seed, shuffle=True, rank=rank, world_size=world)
+        if self.drop_last_train and len(sampler) < self.batch_size:
+            raise ValueError(
+                f"the training split has {len(dataset)} images, {len(sampler)} per process ({world} process(es)), "
+                f"fewer than one full batch (data.batch_size={self.batch_size}), and {type(self).__name__} trains "
+                "on full batches only; lower data.batch_size or add images"
+            )
+        # a resume skips whole batches (ResumableLoader), so dropping the last incomplete one keeps it exact
         return ResumableLoader(
             SeededDataset(dataset), batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=self.collate, generator=self._generator(), persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available(), drop_last=self.drop_last_train,
         )  # fmt: skip
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:

@@ -65,7 +65,8 @@ class SegmentationData(ShardedDataModule):
         classes: Class names (a list or a text file, one per line); ``masks`` needs them.
         splits: ``(train, val, test)`` split folder names (ADE20K: ``training, validation, validation``).
         reduce_zero_label: ``masks`` format: label 0 is ignored and the others shift down by one.
-        batch_size: Images per step and process.
+        batch_size: Images per step and process (at least 2 to train: BatchNorm); an epoch's incomplete
+            last training batch is left out.
         num_workers: Loader worker processes.
         crop_size: Training crop ``(height, width)``.
         scale: ``(long, short)`` sides images are fitted into (2048, 512).
@@ -83,6 +84,9 @@ class SegmentationData(ShardedDataModule):
     """
 
     collate = staticmethod(collate_segmentation)
+    # the UperNet head's BatchNorm cannot train on a batch of one image, which an incomplete last batch
+    # can be; the release's mmseg infinite sampler gives only full batches too
+    drop_last_train = True
 
     def __init__(
         self,

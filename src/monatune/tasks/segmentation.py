@@ -160,10 +160,12 @@ class SemanticSegmenter(TunedModule):
             return None
         images = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
         masks = torch.stack(list(batch["masks"])) if isinstance(batch["masks"], (list, tuple)) else batch["masks"]
+        n = len(images)
+        if n == 1:
+            images, masks = self._pair_lone_image(images, masks, batch)
         out = self.model(images)
         decode = self.loss(out["out"], masks)
         loss = decode
-        n = len(images)
         if "aux" in out:
             aux = self.loss(out["aux"], masks)
             loss = decode + self.aux_weight * aux
@@ -171,6 +173,29 @@ class SemanticSegmenter(TunedModule):
         self.log("train/loss_decode", decode, batch_size=n)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
+
+    def _pair_lone_image(self, images: Tensor, masks: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """A training batch of one image, as a batch of that image twice.
+
+        BatchNorm in training normalises each channel over the batch, and the pyramid pooling's 1x1 bin
+        gives one value per channel and image, so one image fails ("Expected more than 1 value per
+        channel"). Twice the same image has the one image's batch statistics and, dropout aside, its loss
+        and gradients; the data module's full batches make this happen only where ``on_bad_image=skip``
+        left one image of a batch. A batch size of 1 is refused.
+        """
+        if not batch.get("skipped"):
+            raise ValueError(
+                "segmentation training needs at least 2 images per batch and process (BatchNorm in the UperNet "
+                "head cannot normalise a batch of one image), but got a batch of 1; set data.batch_size to 2 or "
+                "more (the release: 2 per GPU)"
+            )
+        if not getattr(self, "_warned_lone_image", False):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"on_bad_image=skip left a training batch with one image ('{batch['paths'][0]}'); "
+                           "it is trained as a batch of that image twice, as BatchNorm needs two (said once)")
+            self._warned_lone_image = True
+        return images.repeat(2, 1, 1, 1), masks.repeat(2, 1, 1)
 
     def predict_logits(self, image: Tensor, size: tuple[int, int]) -> Tensor:
         """Logits ``[C, *size]`` of one image ``[3, h, w]`` (whole or sliding), resized to ``size``."""
