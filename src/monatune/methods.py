@@ -1,8 +1,9 @@
 """Tuning methods by name: each is an options dataclass that says where its modules go and what trains.
 
 ``METHODS`` maps the name given to :func:`monatune.apply` (and ``--method`` on the command
-line) to its options class. Options are checked in ``__post_init__``, before any model is
-touched. A method answers two questions about a model:
+line) to its options class. Each option is declared with what it accepts (``option(default,
+Check)``) and checked in ``__post_init__``, before any model is touched. A method answers two
+questions about a model:
 
 - :meth:`MethodOptions.placements`: which adapter modules to put in which slot of which
   block or layer (see :mod:`monatune.models.base` for the slots);
@@ -15,8 +16,10 @@ method trains in the release; option names are shared across methods (``bottlene
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from timm.layers import RmsNorm
 from timm.models.eva import EvaBlock
@@ -24,10 +27,10 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .adapters.bottleneck import Bottleneck, check_dropout, check_positive_int
+from .adapters.bottleneck import Bottleneck
 from .adapters.lora import LoRA
 from .adapters.lorand import LoRand
-from .adapters.mona import Mona, check_mona_options
+from .adapters.mona import Mona
 from .adapters.ssf import SSF
 from .adapters.vpt import Prompt, PromptCarry
 from .models.rules import base_modules, base_parameters, block_dim, find_blocks, leaf_type
@@ -35,6 +38,65 @@ from .models.rules import base_modules, base_parameters, block_dim, find_blocks,
 __all__ = ["METHODS", "MethodOptions", "Placement", "resolve_method"]
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, _BatchNorm, RmsNorm)
+
+
+# ---------------------------------------------------------------- what each option accepts
+
+
+@dataclass(frozen=True)
+class Check:
+    """What an option accepts: ``allowed`` is said in the error; ``convert`` gives the value kept or raises."""
+
+    allowed: str
+    convert: Callable[[Any], Any]
+
+    def __call__(self, method: str, name: str, value: Any) -> Any:
+        try:
+            return self.convert(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{method} option `{name}` must be {self.allowed}, got {value!r}") from None
+
+
+def option(default: Any, check: Check) -> Any:
+    """A method option: its default and what it accepts (checked when the options are made)."""
+    return field(default=default, metadata={"check": check})
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError
+    return int(value)
+
+
+def _probability(value: Any) -> float:  # a dropout rate
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError
+    return float(value)
+
+
+def _finite(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError
+    return float(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
+def _odd_sizes(value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError
+    sizes = tuple(_positive_int(k) for k in value)
+    if any(k % 2 == 0 for k in sizes):
+        raise ValueError
+    return sizes
+
+
+POSITIVE_INT = Check("a positive int", _positive_int)
+DROPOUT = Check("a number in [0, 1)", _probability)
 
 
 @dataclass
@@ -60,6 +122,10 @@ class MethodOptions:
     exclusive: ClassVar[bool] = False
     #: Can go after any module of a model with ``targets=`` (a map-to-map adapter).
     point_adapter: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # each option as its `option(..., Check)` says; see `resolve_method`
+            setattr(self, f.name, f.metadata["check"](self.name, f.name, getattr(self, f.name)))
 
     def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:
         return []
@@ -137,10 +203,7 @@ class PartialOptions(MethodOptions):
     paper: ClassVar[str] = "Partial-k (Yosinski et al., NeurIPS 2014)"
     in_place: ClassVar[bool] = True
 
-    blocks: int = 1  # how many of the last blocks train
-
-    def __post_init__(self) -> None:
-        check_positive_int("blocks", self.blocks)
+    blocks: int = option(1, POSITIVE_INT)  # how many of the last blocks train
 
     def base_params(self, model: nn.Module, head: Sequence[str]) -> list[str]:
         blocks = find_blocks(model)
@@ -172,13 +235,11 @@ class MonaOptions(_SlotOptions):
     point_adapter: ClassVar[bool] = True
     slots: ClassVar[tuple[str, ...]] = ("after_attn", "after_mlp")
 
-    bottleneck: int = 64  # width of the bottleneck
-    kernel_sizes: tuple[int, ...] = (3, 5, 7)  # averaged depthwise kernels (odd)
-    dropout: float = 0.1  # before the up-projection
-
-    def __post_init__(self) -> None:
-        self.kernel_sizes = tuple(self.kernel_sizes)
-        check_mona_options(bottleneck=self.bottleneck, kernel_sizes=self.kernel_sizes, dropout=self.dropout)
+    bottleneck: int = option(64, POSITIVE_INT)  # width of the bottleneck
+    kernel_sizes: tuple[int, ...] = option(  # averaged depthwise kernels (odd)
+        (3, 5, 7), Check("a non-empty list of positive odd ints, e.g. [3, 5, 7] (one kernel: [3])", _odd_sizes)
+    )
+    dropout: float = option(0.1, DROPOUT)  # before the up-projection
 
     def build(self, dim: int) -> nn.Module:
         return Mona(dim, bottleneck=self.bottleneck, kernel_sizes=self.kernel_sizes, dropout=self.dropout)
@@ -192,12 +253,8 @@ class AdapterOptions(_SlotOptions):
     paper: ClassVar[str] = "Adapter (Houlsby et al., ICML 2019)"
     slots: ClassVar[tuple[str, ...]] = ("attn_out", "mlp_out")
 
-    bottleneck: int = 64  # hidden width
-    dropout: float = 0.1  # before the up-projection
-
-    def __post_init__(self) -> None:
-        check_positive_int("bottleneck", self.bottleneck)
-        check_dropout(self.dropout)
+    bottleneck: int = option(64, POSITIVE_INT)  # hidden width
+    dropout: float = option(0.1, DROPOUT)  # before the up-projection
 
     def build(self, dim: int) -> nn.Module:
         return Bottleneck(dim, self.bottleneck, self.dropout)
@@ -211,15 +268,9 @@ class AdaptFormerOptions(_SlotOptions):
     paper: ClassVar[str] = "AdaptFormer (Chen et al., NeurIPS 2022)"
     slots: ClassVar[tuple[str, ...]] = ("mlp_parallel",)
 
-    bottleneck: int = 64  # hidden width
-    dropout: float = 0.1  # before the up-projection
-    scale: float = 0.1  # factor on the branch
-
-    def __post_init__(self) -> None:
-        check_positive_int("bottleneck", self.bottleneck)
-        check_dropout(self.dropout)
-        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool):
-            raise ValueError(f"`scale` must be a number, got {self.scale!r}")
+    bottleneck: int = option(64, POSITIVE_INT)  # hidden width
+    dropout: float = option(0.1, DROPOUT)  # before the up-projection
+    scale: float = option(0.1, Check("a finite number", _finite))  # factor on the branch
 
     def build(self, dim: int) -> nn.Module:
         return Bottleneck(dim, self.bottleneck, self.dropout, scale=self.scale, residual=False)
@@ -233,15 +284,11 @@ class LoRandOptions(_SlotOptions):
     paper: ClassVar[str] = "LoRand (Yin et al., CVPR 2023)"
     slots: ClassVar[tuple[str, ...]] = ("attn_out", "mlp_out")
 
-    bottleneck: int | None = None  # hidden width; None: half the block width
-    rank: int = 8  # size of each branch's kernel (beta)
-    branches: int = 2  # low-rank products per projection (alpha)
-
-    def __post_init__(self) -> None:
-        if self.bottleneck is not None:
-            check_positive_int("bottleneck", self.bottleneck)
-        check_positive_int("rank", self.rank)
-        check_positive_int("branches", self.branches)
+    bottleneck: int | None = option(  # hidden width; None: half the block width
+        None, Check("a positive int, or null for half the block width", lambda v: None if v is None else _positive_int(v))
+    )
+    rank: int = option(8, POSITIVE_INT)  # size of each branch's kernel (beta)
+    branches: int = option(2, POSITIVE_INT)  # low-rank products per projection (alpha)
 
     def build(self, dim: int) -> nn.Module:
         return LoRand(dim, self.bottleneck, rank=self.rank, branches=self.branches)
@@ -254,15 +301,9 @@ class VPTOptions(MethodOptions):
     name: ClassVar[str] = "vpt"
     paper: ClassVar[str] = "VPT (Jia et al., ECCV 2022)"
 
-    num_tokens: int = 10  # prompts per block (deep) or in all (shallow)
-    deep: bool = True  # new prompts in every block, or only before the first
-    dropout: float = 0.0  # on the prompts
-
-    def __post_init__(self) -> None:
-        check_positive_int("num_tokens", self.num_tokens)
-        check_dropout(self.dropout)
-        if not isinstance(self.deep, bool):
-            raise ValueError(f"`deep` must be true or false, got {self.deep!r}")
+    num_tokens: int = option(10, POSITIVE_INT)  # prompts per block (deep) or in all (shallow)
+    deep: bool = option(True, Check("true or false", _bool))  # new prompts in every block, or only before the first
+    dropout: float = option(0.0, DROPOUT)  # on the prompts
 
     def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:
         blocks = find_blocks(model)
@@ -296,6 +337,13 @@ class VPTOptions(MethodOptions):
 _LORA_MODULES = ("q", "k", "v", "proj", "fc1", "fc2")
 
 
+def _lora_modules(value: Any) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else tuple(value)  # a non-iterable raises TypeError
+    if not names or any(m not in _LORA_MODULES for m in names):
+        raise ValueError
+    return names
+
+
 @dataclass
 class LoRAOptions(MethodOptions):
     """LoRA on the query and value slices of the fused qkv projection (release: rank 64, alpha 1)."""
@@ -304,18 +352,12 @@ class LoRAOptions(MethodOptions):
     paper: ClassVar[str] = "LoRA (Hu et al., ICLR 2022)"
     mergeable: ClassVar[bool] = True
 
-    rank: int = 64  # rank of each update
-    alpha: float = 1.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0  # on the LoRA input
-    modules: tuple[str, ...] = ("q", "v")  # which projections: q, k, v, proj (attention out), fc1, fc2
-
-    def __post_init__(self) -> None:
-        self.modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
-        check_positive_int("rank", self.rank)
-        check_dropout(self.dropout)
-        bad = [m for m in self.modules if m not in _LORA_MODULES]
-        if bad or not self.modules:
-            raise ValueError(f"`modules` must be a non-empty subset of {_LORA_MODULES}, got {self.modules}")
+    rank: int = option(64, POSITIVE_INT)  # rank of each update
+    alpha: float = option(1.0, Check("a finite number", _finite))  # the update is scaled by alpha / rank
+    dropout: float = option(0.0, DROPOUT)  # on the LoRA input
+    modules: tuple[str, ...] = option(  # which projections: q, k, v, proj (attention out), fc1, fc2
+        ("q", "v"), Check(f"a non-empty subset of {_LORA_MODULES}", _lora_modules)
+    )
 
     def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:
         placed = []
@@ -383,14 +425,16 @@ METHODS: dict[str, type[MethodOptions]] = {
 }
 
 
-def resolve_method(method: str, options: dict[str, Any] | None = None) -> MethodOptions:
-    """Options object for ``method``; ``ValueError`` for an unknown name or option."""
-    if method not in METHODS:
+def resolve_method(method: str, options: Mapping[str, Any] | None = None) -> MethodOptions:
+    """Options object for ``method``; ``ValueError`` for an unknown name or option, or a value it does not take."""
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown tuning method {method!r}; supported: {', '.join(METHODS)}")
     cls = METHODS[method]
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"options of method {method!r} must be a mapping of option names to values, got {options!r}")
     options = dict(options or {})
     allowed = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(allowed))
+    unknown = sorted((k for k in options if k not in allowed), key=str)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; its options are {allowed or 'none'}")
     return cls(**options)
