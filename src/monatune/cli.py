@@ -10,21 +10,56 @@ __all__ = ["main"]
 
 
 def _parse_value(text: str) -> Any:
+    """A ``-o KEY=VALUE`` value: JSON, else YAML (as in the configs); ``(3, 5)`` and ``3,5`` are lists too."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
+        pass
+    import yaml
+
+    flow = text.strip()
+    if not flow:
         return text
+    if flow.startswith("(") and flow.endswith(")"):  # a Python tuple, as people write one
+        flow = f"[{flow[1:-1]}]"
+    elif "," in flow and not flow.startswith(("[", "{", "'", '"')):  # 3,5 or q,v
+        flow = f"[{flow}]"
+    return yaml.safe_load(flow)  # safe_load builds plain values only; YAMLError for an unbalanced [ or quote
 
 
 def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    """Method options from ``-o KEY=VALUE`` pairs; the method checks the values (``monatune.methods``)."""
+    import yaml
+
     options = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
+        key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"method options are KEY=VALUE (e.g. bottleneck=32), got {pair!r}")
-        value = _parse_value(value)
+        try:
+            value = _parse_value(text)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or " ".join(str(e).split())  # YAML's own words, without its context
+            raise ValueError(
+                f"-o {key}: {text!r} is not a value JSON or YAML can read ({problem}); write a number, "
+                "true/false, a name, or a list such as [3, 5] or 3,5"
+            ) from None
         options[key] = tuple(value) if isinstance(value, list) else value
     return options
+
+
+def _json_object(option: str, text: str | None) -> dict[str, Any] | None:
+    """The JSON object given to ``option`` (e.g. ``--model-kwargs``); None when it was not given."""
+    example = 'e.g. \'{"depths": [2, 2, 6, 2]}\''
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} is not valid JSON ({e}): {text!r}; give a JSON object, {example}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object, {example}; got {text!r}")
+    return value
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -38,10 +73,13 @@ def _cmd_params(args: argparse.Namespace) -> int:
     import torch
 
     from .dense import build_dense_backbone
+    from .methods import resolve_method
     from .params import count_parameters
 
+    method, options = args.method or "mona", _options(args.option)
+    resolve_method(method, options)  # an unknown method, option or value: say so before building anything
     with torch.device("meta"):  # counting needs shapes only
-        model = build_dense_backbone(args.name, args.method or "mona", **_options(args.option))
+        model = build_dense_backbone(args.name, method, **options)
     report = count_parameters(model)
     print(json.dumps(report.to_dict()) if args.json else report)
     return 0
@@ -71,9 +109,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints.release import convert_release_checkpoint
 
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    kwargs = _json_object("--model-kwargs", args.model_kwargs)
     out = convert_release_checkpoint(
         args.checkpoint, args.out, args.model, method=args.method, model_kwargs=kwargs, allow_pickle=args.allow_pickle
     )
@@ -84,12 +120,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import WorkerError, run_bench
 
-    try:
-        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model-kwargs is not valid JSON ({e}): {args.model_kwargs!r}") from None
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    kwargs = _json_object("--model-kwargs", args.model_kwargs)
     height, sep, width = args.input_size.lower().partition("x")
     if not (height.isdigit() and (width.isdigit() or not sep)):
         raise ValueError(f"--input-size is a side or HxW (224, 224x320), got {args.input_size!r}")
