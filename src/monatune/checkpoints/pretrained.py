@@ -20,10 +20,12 @@ code embedded in the file. Nothing is changed in the model unless the whole file
 from __future__ import annotations
 
 import pickle
+import pickletools
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -36,6 +38,7 @@ from ..tuning import adapter_modules, classifier_names, get_state, model_name, r
 __all__ = ["load_pretrained", "read_checkpoint", "read_state_dict", "LoadReport", "FORMATS", "UnsafeCheckpointError"]
 
 FORMATS = ("auto", "official-swin", "timm", "mmlab", "release")
+SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # what a checkpoint file is called
 _NOT_IN_DENSE = ("head.", "norm.", "fc_norm.", "head_drop.", "attn_pool.")  # classification-only parts
 
 
@@ -59,9 +62,95 @@ class LoadReport:
         )
 
 
+def _directory_hint(path: Path) -> str:
+    """What to give instead of the directory ``path``: the one checkpoint file in it, or the adapter it is."""
+    from .adapter import CONFIG_NAME  # adapter_config.json
+
+    if (path / CONFIG_NAME).is_file():
+        return f"; it is a monatune adapter directory: load it with monatune.load_adapter(model, '{path}')"
+    files = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES and f.is_file())
+    if len(files) == 1:
+        return f"; it holds one: '{files[0]}'"
+    more = ", ..." if len(files) > 5 else ""
+    return f"; it holds {len(files)}: {', '.join(repr(f.name) for f in files[:5])}{more}" if files else ""
+
+
+def _is_pickle(stream: IO[bytes]) -> bool:
+    """Whether ``stream`` starts with a whole, balanced pickle: read with ``pickletools``, nothing is built or run."""
+    mark, depth, marks = pickletools.markobject, 0, []
+    try:
+        for opcode, _, _ in pickletools.genops(stream):
+            before = list(opcode.stack_before)
+            if mark in before or (opcode.name == "POP" and marks and depth == marks[-1]):  # pops down to a MARK
+                if not marks:
+                    return False
+                depth = marks.pop()
+                before = before[: before.index(mark)] if mark in before else []
+            if len(before) > depth:
+                return False
+            depth -= len(before)
+            if mark in opcode.stack_after:
+                marks.append(depth)
+            else:
+                depth += len(opcode.stack_after)
+            if opcode.name == "STOP":
+                return depth == 0 and not marks
+    except Exception:  # genops raises ValueError, struct.error, UnicodeDecodeError, ... on bytes that are no pickle
+        return False
+    return False
+
+
+def _holds_pickle(path: Path) -> bool:
+    """Whether the file is a pickle, or a ``torch.save`` zip whose ``data.pkl`` is one."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+                if name is None:
+                    return False
+                with archive.open(name) as stream:
+                    return _is_pickle(stream)
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return False
+    with path.open("rb") as stream:  # a plain pickle, or the legacy torch.save layout (a pickle first)
+        return _is_pickle(stream)
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> Any:
+    """``torch.load`` without running code in the file, unless ``allow_pickle``; every failure is a ``ValueError``.
+
+    With ``weights_only``, torch's unpickler raises ``pickle.UnpicklingError`` for any opcode, global
+    or call it does not allow ("Unsupported global", "unsupported GLOBAL ... is blocked", "Unsupported
+    operand", "Trying to call reduce for unrecognized function", ...), and also for bytes that are no
+    pickle at all. The two are told apart by reading the file with ``pickletools``, not by the wording.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=False)
+    except pickle.UnpicklingError as e:
+        if not allow_pickle and _holds_pickle(path):
+            refers = re.search(r"GLOBAL (\S+)", str(e))  # the class or function it refused
+            names = f" (it refers to {refers.group(1).rstrip('.')})" if refers else ""
+            raise UnsafeCheckpointError(
+                f"'{path}' contains Python objects besides tensors{names}, and reading them would unpickle the file, "
+                "which can run any code stored in it. If you trust where the file came from, load it with "
+                "allow_pickle=True (command line: --allow-pickle)."
+            ) from None
+        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (it does not unpickle)") from None
+    except Exception as e:  # torch raises KeyError/IndexError/EOFError/RuntimeError for arbitrary bytes
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+        raise ValueError(
+            f"'{path}' is not a readable PyTorch checkpoint (torch.load could not read it: {reason})"
+        ) from None
+
+
 def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Any:
     """Read a ``.safetensors`` file or a ``torch.save`` file without running code in it."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"'{path}' is a directory; give a checkpoint file ({', '.join(SUFFIXES)}){_directory_hint(path)}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
     if path.suffix == ".safetensors":
@@ -69,22 +158,7 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"'{path}' is not a readable safetensors file ({e})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=False)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses a class or function it does not know ("Unsupported global"); any
-        # other unpickling failure means the bytes are not a pickle to begin with.
-        if "allowed global" in str(e) or "Unsupported global" in str(e):
-            raise UnsafeCheckpointError(
-                f"'{path}' contains Python objects besides tensors, and reading them would unpickle the file, "
-                "which can run any code stored in it. If you trust where the file came from, load it with "
-                "allow_pickle=True (command line: --allow-pickle)."
-            ) from None
-        raise ValueError(f"'{path}' is not a PyTorch checkpoint (it does not unpickle)") from None
-    except Exception as e:  # torch raises KeyError/IndexError/EOFError/RuntimeError for arbitrary bytes
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        reason = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
-        raise ValueError(f"'{path}' is not a PyTorch checkpoint (torch.load could not read it: {reason})") from None
+    return _torch_load(path, allow_pickle)
 
 
 def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, Tensor], bool]:
@@ -172,6 +246,10 @@ def convert_state_dict(
     return {**_family_filter(model)(kept, model), **stray}, skipped
 
 
+def _is_float(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
 def load_pretrained(
     model: nn.Module,
     path: str | Path,
@@ -253,6 +331,21 @@ def load_pretrained(
             "architecture or size (say Swin-L for a Swin-B model)?"
         )
     usable = {k: v for k, v in converted.items() if k in target and k not in report.skipped}
+    # load_state_dict would copy int32 values into float weights (and truncate floats into integer
+    # buffers) without a word; integer buffers such as relative_position_index are integer in both.
+    kinds = [
+        f"'{k}' is {str(usable[k].dtype).removeprefix('torch.')} in the file but "
+        f"{str(t.dtype).removeprefix('torch.')} in the model"
+        for k, t in target.items()  # in the model's order
+        if k in usable and _is_float(usable[k]) != _is_float(t)
+    ]
+    if kinds:
+        shown = "; ".join(kinds[:5]) + (f"; ... ({len(kinds)} in all)" if len(kinds) > 5 else "")
+        raise ValueError(
+            f"checkpoint '{path}' has integer tensors where {arch} has floating-point ones, or the reverse: {shown}. "
+            "They would not convert without loss, so nothing was loaded; save the weights as floating point "
+            "(is it a quantized or index file?)"
+        )
     model.load_state_dict(usable, strict=False)
     refresh_pristine(model, list(usable))  # loaded base weights are the frozen values adapters return to
     report.loaded = sorted(usable)
