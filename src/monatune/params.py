@@ -1,7 +1,8 @@
 """How many parameters a (tuned) model has, and how many train."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -266,6 +267,19 @@ def _task_class(configs: Sequence[Path]) -> type:
     return cls
 
 
+def _init_arguments(cls: type) -> list[str]:
+    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` up to the base class that names them."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]  # after self
+        names += [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
 def _parse_configs(configs: Sequence[Path]) -> Any:
     """The configs parsed exactly as ``monatune fit -c ... -c ...`` parses them, nothing instantiated."""
     import argparse
@@ -344,24 +358,34 @@ def count_config_parameters(
         >>> report.total, report.trainable
         (148644458, 61899442)
     """
+    if isinstance(configs, (str, Path)):  # one file, not a sequence of one-letter names
+        configs = [configs]
     paths = [Path(c).expanduser() for c in configs]
     if not paths:
         raise ValueError("give at least one config file (-c configs/det/voc_retinanet_swin_l.yaml)")
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"config file '{path}' does not exist")
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1):
+        raise ValueError(f"`num_classes` must be a positive int, got {num_classes!r}")
+    if init_args is not None and not isinstance(init_args, Mapping):
+        raise ValueError(f"`init_args` must be a mapping of model.init_args names to values, got {init_args!r}")
+    options = (init_args or {}).get("method_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"`method_options` must be a mapping of option names to values, got {options!r}")
     cls = _task_class(paths)
+    unknown = sorted((k for k in init_args or {} if k not in _init_arguments(cls)), key=str)
+    if unknown:
+        raise ValueError(f"unknown init_args {unknown} for {cls.__name__}; it takes {_init_arguments(cls)}")
     config = _parse_configs(paths)
     init = config.model.init_args.as_dict()
-    overrides = dict(init_args or {})
+    overrides = {k: v for k, v in (init_args or {}).items() if k != "method_options" or v is not None}
     if "method" in overrides:  # another method: the config's options were its method's
         overrides.setdefault("method_options", {})
     elif "method_options" in overrides:  # the same method: options add to the config's
         overrides["method_options"] = {**(init.get("method_options") or {}), **overrides["method_options"]}
     init.update(overrides, pretrained=None, adapter=None)
     if num_classes is not None:
-        if num_classes < 1:
-            raise ValueError(f"`num_classes` must be a positive int, got {num_classes}")
         init["num_classes"], classes_from = num_classes, "given"
     elif init.get("num_classes") is not None:
         classes_from = "the config's num_classes"
