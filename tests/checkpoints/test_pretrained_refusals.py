@@ -199,3 +199,17 @@ def test_integer_buffers_integer_in_both_still_load_and_floats_for_them_are_refu
     with pytest.raises(ValueError, match="'bn1.num_batches_tracked' is float32 in the file but int64 in the model"):
         load_pretrained(fresh, tmp_path / "f.pth")
     assert_unchanged(fresh, before)
+
+
+def test_allow_pickle_must_be_a_bool_not_a_truthy_string(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pth"
+    write_malicious("torch.save", path, marker)
+    with pytest.raises(ValueError, match=r"^`allow_pickle` must be True or False, got 'false'$"):
+        load_pretrained(tiny_swin(), path, allow_pickle="false")
+    assert not marker.exists()
+
+
+def test_model_must_be_a_module(tmp_path):
+    torch.save(tiny_swin().state_dict(), tmp_path / "w.pth")
+    with pytest.raises(TypeError, match="`model` must be a torch nn.Module to load weights into, got OrderedDict"):
+        load_pretrained(tiny_swin().state_dict(), tmp_path / "w.pth")

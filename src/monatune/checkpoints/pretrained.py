@@ -146,6 +146,8 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
 
 def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Any:
     """Read a ``.safetensors`` file or a ``torch.save`` file without running code in it."""
+    if not isinstance(allow_pickle, bool):  # a config's "false" is truthy: it would unpickle
+        raise ValueError(f"`allow_pickle` must be True or False, got {allow_pickle!r}")
     path = Path(path)
     if path.is_dir():
         raise ValueError(
@@ -278,6 +280,8 @@ def load_pretrained(
         >>> backbone = monatune.build_dense_backbone("swin_base_patch4_window7_224", "mona")
         >>> monatune.load_pretrained(backbone, "swin_base_patch4_window7_224_22k.pth")
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch nn.Module to load weights into, got {type(model).__name__}")
     if format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; choose from {FORMATS}")
     raw, mmlab = read_state_dict(path, allow_pickle=allow_pickle)
