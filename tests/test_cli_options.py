@@ -63,3 +63,23 @@ def test_convert_names_model_kwargs_when_its_json_is_bad(capsys, tmp_path, kwarg
     assert main(["convert", str(tmp_path / "release.pth"), str(out), "--model", SWIN_T, "--model-kwargs", kwargs]) == 2
     assert error_text(capsys, "convert") == expected
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["demo", "--epochs", "-1"], "monatune demo: error: argument --epochs: must be an int of at least 1, got '-1'"),
+    (["demo", "--epochs", "two"], "monatune demo: error: argument --epochs: must be an int of at least 1, got 'two'"),
+    (["params", "-c", "x.yaml", "--num-classes", "0"],
+     "monatune params: error: argument --num-classes: must be an int of at least 1, got '0'"),
+])  # fmt: skip
+def test_counts_are_checked_when_parsed(capsys, argv, expected):
+    with pytest.raises(SystemExit) as info:  # argparse's own error: usage, then the message
+        main(argv)
+    assert info.value.code == 2 and capsys.readouterr().err.strip().endswith(expected)
+
+
+def test_demo_without_methods_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    import monatune.demo
+
+    monkeypatch.setattr(monatune.demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    assert main(["demo", "--methods", " ,", "--out", str(tmp_path / "demo")]) == 2
+    assert error_text(capsys, "demo") == "--methods names no method, got ' ,'; give some of full,fixed,lora,adapter,mona"

@@ -33,6 +33,7 @@ BAD = [  # method, option, value, what the error says is allowed
     ("lora", "modules", [], "a non-empty subset of"),
     ("lora", "modules", ["q", "query"], "a non-empty subset of"),
     ("lorand", "bottleneck", 0, "a positive int, or null"),
+    ("lorand", "bottleneck", False, "a positive int, or null"),
     ("lorand", "branches", [2], "a positive int"),
     ("vpt", "num_tokens", 0, "a positive int"),
     ("vpt", "deep", "yes", "true or false"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["main"]
 
@@ -46,6 +46,21 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
             ) from None
         options[key] = tuple(value) if isinstance(value, list) else value
     return options
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int of at least ``least`` (``--epochs -1`` would train forever)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"must be an int of at least {least}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _json_object(option: str, text: str | None) -> dict[str, Any] | None:
@@ -102,6 +117,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError(f"--methods names no method, got {args.methods!r}; give some of full,fixed,lora,adapter,mona")
     run_demo(args.out, methods=methods, epochs=args.epochs, cache=args.cache, seed=args.seed, progress=not args.quiet)
     return 0
 
@@ -180,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--methods", default="full,fixed,lora,adapter,mona", help="comma-separated (default: all five)")
-    p.add_argument("--epochs", type=int, default=6, help="transfer epochs per method (default: 6)")
+    p.add_argument("--epochs", type=_at_least(1), default=6, help="transfer epochs per method (default: 6)")
     p.add_argument("--cache", default=None, help="where the pretrained Swin is cached (default: ~/.cache/monatune)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -197,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="tuning method (default: mona, or the config's)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="a method option")
     p.add_argument(
-        "--num-classes", type=int, default=None, help="with -c: the class count (default: the config's or its data's)"
+        "--num-classes", type=_at_least(1), help="with -c: the class count (default: the config's or its data's)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_params)
