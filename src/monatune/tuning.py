@@ -332,8 +332,49 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     needed = set(_head_params(model, state)).union(*(spec.base_params for spec in state.adapters.values()))
     for key in [k for k in state.pristine if k not in needed]:
         del state.pristine[key]
+    _prune(model, state)
     if was_active:
         _switch(model, state, next(iter(state.adapters)))
+    else:
+        _sync(model, state)
+
+
+def _prune(model: nn.Module, state: TuningState) -> None:
+    """Undo what no remaining adapter uses: empty slots and point banks, swapped classes, hooks, the token grid.
+
+    After ``apply(model, ..., adapter_name="b")`` and ``remove_adapter(model, "b")`` the model is as
+    it was before, module classes included (a failed ``load_adapter`` relies on it).
+    """
+    swapped = set(state.swapped)
+    for mname, module in list(model.named_modules()):
+        if isinstance(module, TunedBlockMixin):
+            for slot in SLOTS:
+                bank = module._modules.get(slot)
+                if bank is not None and len(bank) == 0:
+                    del module._modules[slot]
+            if mname in swapped and not any(slot in module._modules for slot in SLOTS):
+                for attr in ("active_adapter", "_release_mask_cache", "token_grid"):
+                    module.__dict__.pop(attr, None)
+                module.__class__ = type(module).__bases__[0]
+                state.swapped.remove(mname)
+        for key in [k for k, hook in module._forward_hooks.items() if isinstance(hook, MapHook) and not len(hook.adapters)]:
+            del module._forward_hooks[key]
+    points = model._modules.get(POINTS_ATTR)
+    if points is not None:
+        for key in [k for k, bank in points.items() if not len(bank)]:
+            del points[key]
+        if not len(points):
+            del model._modules[POINTS_ATTR]
+    kept = []
+    for module_name, attr, value in state.attrs_changed:  # the qkv bias routing of blocks no longer tuned
+        if attr == "qkv_bias_separate" and f"{module_name}.qkv" not in state.swapped:
+            setattr(model.get_submodule(module_name), attr, value)
+        else:
+            kept.append((module_name, attr, value))
+    state.attrs_changed = kept
+    if state.grid_attached and not any(isinstance(m, (TunedViTBlock, TunedEvaBlock)) for m in model.modules()):
+        detach_token_grid(model)
+        state.grid_attached = False
 
 
 def unapply(model: nn.Module, *, merge: bool = False) -> nn.Module:

@@ -58,25 +58,6 @@ def test_options_pattern_placement_and_fp16(tmp_path):
     assert torch.allclose(loaded.eval()(x), tuned.eval()(x), atol=1e-2)
 
 
-def test_save_is_atomic_a_crash_keeps_the_good_files(tmp_path, monkeypatch):
-    base, tuned = _trained()
-    monatune.save_adapter(tuned, tmp_path / "a")
-    good = {n: (tmp_path / "a" / n).read_bytes() for n in (CONFIG_NAME, WEIGHTS_NAME)}
-    with torch.no_grad():
-        tuned.layers[0].blocks[0].after_attn.default.gamma.add_(1.0)
-
-    def crash(src, dst):
-        raise OSError("disk full (simulated)")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated"):
-        monatune.save_adapter(tuned, tmp_path / "a")
-    monkeypatch.undo()
-    assert {n: (tmp_path / "a" / n).read_bytes() for n in good} == good
-    assert sorted(os.listdir(tmp_path / "a")) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary file left
-    monatune.load_adapter(copy.deepcopy(base), tmp_path / "a")
-
-
 def test_weights_from_another_save_are_refused(tmp_path):
     base, tuned = _trained()
     monatune.save_adapter(tuned, tmp_path / "a")
@@ -117,7 +98,8 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     tuned_again = monatune.apply(copy.deepcopy(base), "mona", targets=r"layers\.3", layout="NHWC", adapter_name="x")
     monatune.remove_adapter(tuned_again, "x")
     # A file that lacks one tensor and has a stray one (rewritten consistently, as a buggy tool might).
-    from monatune.checkpoints.adapter import read_adapter, _write_atomic
+    from monatune.atomic import write_file
+    from monatune.checkpoints.adapter import read_adapter
     import hashlib
     from safetensors.torch import save
 
@@ -126,7 +108,7 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     tensors["layers.9.blocks.0.after_mlp.gamma"] = torch.zeros(3)
     blob = save(tensors)
     config["weights_sha256"] = hashlib.sha256(blob).hexdigest()
-    _write_atomic(tmp_path / "a" / WEIGHTS_NAME, blob)
+    write_file(tmp_path / "a" / WEIGHTS_NAME, blob)
     (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(config))
     model = copy.deepcopy(base)
     with pytest.raises(ValueError, match=r"missing \(1\): \['layers.1.blocks.0.after_mlp.gamma'\]; unexpected \(1\): \['layers.9"):
@@ -170,3 +152,75 @@ def test_swin_base_mona_adapter_file_is_at_most_15_mb(tmp_path):
     monatune.save_adapter(backbone, tmp_path / "b")
     size = (tmp_path / "b" / WEIGHTS_NAME).stat().st_size
     assert 3_667_456 * 4 <= size <= 15_000_000
+
+
+def _structure(model):
+    """Everything a failed load must leave as it was: classes, tensors, hooks, attributes, what trains."""
+    modules = [(n, type(m), sorted(m._modules), len(m._forward_hooks), len(m._forward_pre_hooks),
+                sorted(k for k in m.__dict__ if k in ("token_grid", "active_adapter", "qkv_bias_separate")))
+               for n, m in model.named_modules()]  # fmt: skip
+    state = monatune.get_state(model)
+    return modules, {k: v.clone() for k, v in model.state_dict().items()}, \
+        [(n, p.requires_grad) for n, p in model.named_parameters()], \
+        (sorted(state.adapters), list(state.swapped), list(state.attrs_changed), state.grid_attached, sorted(state.pristine))
+
+
+@pytest.mark.parametrize("factory,first,second", [
+    (tiny_swin, {"method": "mona"}, {"method": "lora", "rank": 4}),
+    (tiny_vit, {"method": "lora", "rank": 4}, {"method": "mona"}),
+    (tiny_swin, {"method": "bitfit"}, {"method": "adapter"}),
+])  # fmt: skip
+def test_a_failed_load_into_a_tuned_model_leaves_it_exactly_as_it_was(tmp_path, factory, first, second):
+    base = factory().eval()
+    other = monatune.apply(copy.deepcopy(base), **second)
+    monatune.save_adapter(other, tmp_path / "a")
+    model = monatune.apply(factory().eval(), **first)  # other base weights: the fingerprint check fails
+    before = _structure(model)
+    x = torch.randn(1, 3, 224, 224)
+    out = model(x)
+    with pytest.raises(ValueError, match="frozen base weights differ"):
+        monatune.load_adapter(model, tmp_path / "a", adapter_name="second")
+    after = _structure(model)
+    assert after[0] == before[0]  # no block left in a tuned class with an empty adapter bank
+    assert after[1].keys() == before[1].keys() and all(torch.equal(after[1][k], before[1][k]) for k in before[1])
+    assert after[2:] == before[2:]
+    assert torch.equal(model(x), out)
+
+
+def test_integer_tensors_and_newer_or_incomplete_configs_are_refused(tmp_path):
+    import hashlib
+
+    from safetensors.torch import save
+
+    from monatune.atomic import write_file
+    from monatune.checkpoints.adapter import read_adapter
+
+    base, tuned = _trained()
+    monatune.save_adapter(tuned, tmp_path / "a")
+    config, tensors = read_adapter(tmp_path / "a")
+
+    def rewrite(config, tensors):
+        blob = save(tensors)
+        write_file(tmp_path / "a" / WEIGHTS_NAME, blob)
+        (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps({**config, "weights_sha256": hashlib.sha256(blob).hexdigest()}))
+
+    as_int = {k: (v * 100).to(torch.int64) if k.endswith("gamma") else v for k, v in tensors.items()}
+    rewrite(config, as_int)
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"integer tensors .*after_attn.gamma \(torch.int64 in the file, torch.float32"):
+        monatune.load_adapter(model, tmp_path / "a")
+    assert not monatune.is_tuned(model)
+    for change, match in [
+        ({"format_version": 2, "monatune_version": "9.0"}, r"format version 2, written by a newer monatune \(9.0\).*upgrade"),
+        ({"format_version": "1"}, "no integer \"format_version\""),
+        ({"method": None}, "\"method\" must be a string, got None"),
+        ({"options": [64]}, r"\"options\" must be a mapping, got \[64\]"),
+        ({"layout": "HWC"}, "\"layout\" must be \"NCHW\" or \"NHWC\""),
+    ]:
+        rewrite({**config, **change}, tensors)
+        with pytest.raises(ValueError, match=match):
+            monatune.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    no_method = {k: v for k, v in config.items() if k != "method"}
+    rewrite(no_method, tensors)
+    with pytest.raises(ValueError, match="has no \"method\""):
+        monatune.load_adapter(copy.deepcopy(base), tmp_path / "a")

@@ -9,17 +9,17 @@ A checkpoint is a directory (the layout Hugging Face PEFT uses)::
 
 Tensor names are the model's own with the adapter's name left out
 (``layers.0.blocks.0.after_attn.project1.weight``), so a file does not depend on the name
-it was saved under. Each file is written to a temporary file and moved into place, so an
-interrupted save never leaves a half-written file where a good one was; the config is
-written last and records the weights' hash, so a config never silently pairs with other
-weights.
+it was saved under. A save writes a new directory beside the old one and swaps it in
+(:mod:`monatune.atomic`), so an interrupted save never leaves a half-written or mixed adapter
+where a good one was; the config records the weights' hash (and any extra file's), so a config
+never silently pairs with other weights.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,14 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from .._version import __version__
+from ..atomic import recover_directory, replace_directory, staging_directory
 from ..methods import resolve_method
 from ..tuning import adapter_modules, apply, get_state, model_name, remove_adapter, set_active_adapter
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "base_fingerprint", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = [
+    "save_adapter", "load_adapter", "read_adapter", "read_adapter_file", "adapter_state_dict", "base_fingerprint",
+    "CONFIG_NAME", "WEIGHTS_NAME",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -110,17 +114,27 @@ def base_fingerprint(model: nn.Module, exclude: set[str]) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _owned_files(path: Path) -> set[str]:
+    """Names monatune wrote in an existing adapter directory (config, weights, the extra files it lists)."""
+    owned = {CONFIG_NAME, WEIGHTS_NAME}
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        listed = json.loads((path / CONFIG_NAME).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    return owned | set(listed if isinstance(listed, dict) else {})
+
+
+def _check_destination(path: Path) -> None:
+    """Refuse to replace anything but an adapter directory (or an empty one)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"'{path}' exists and is not a directory; an adapter is saved as a directory")
+    if path.is_dir() and not (path / CONFIG_NAME).is_file():
+        others = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+        if others:
+            raise ValueError(
+                f"'{path}' is a folder with other files ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}) "
+                "and no adapter in it; save the adapter to a new or empty folder"
+            )
 
 
 def save_adapter(
@@ -130,8 +144,15 @@ def save_adapter(
     adapter_name: str | None = None,
     dtype: torch.dtype | None = None,
     metadata: dict[str, Any] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Save one adapter (its tensors, the head, any trained base tensors) to a directory.
+
+    The directory is replaced in one step: it holds either the complete old adapter or the
+    complete new one at every instant, whatever interrupts the save (an error, Ctrl-C, kill -9,
+    a full disk); the next save clears what an interrupted one left beside it. Files that
+    monatune did not write there (a README) are kept. An existing folder that holds other files
+    but no adapter is refused.
 
     Args:
         model: A model tuned with :func:`monatune.apply`.
@@ -139,6 +160,8 @@ def save_adapter(
         adapter_name: Which adapter (default: the active one).
         dtype: Cast floating tensors to this dtype (e.g. ``torch.float16`` halves the file).
         metadata: Extra JSON-serialisable fields for the config.
+        extra_files: More files to write in the same step, by name (e.g. a detector's heads);
+            the config records their hashes, and :func:`read_adapter_file` checks them.
 
     Returns:
         The directory.
@@ -154,8 +177,15 @@ def save_adapter(
     if name not in state.adapters:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(state.adapters)}")
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"'{path}' exists and is not a directory; an adapter is saved as a directory")
+    recover_directory(path)
+    _check_destination(path)
+    extra = dict(extra_files or {})
+    for file_name, data in extra.items():
+        if file_name in (CONFIG_NAME, WEIGHTS_NAME) or Path(file_name).name != file_name or file_name.startswith("."):
+            raise ValueError(f"extra file name {file_name!r} must be a plain file name other than {CONFIG_NAME}, {WEIGHTS_NAME}")
+        if not isinstance(data, bytes):
+            raise ValueError(f"extra file {file_name!r} must be bytes, got {type(data).__name__}")
+    # everything is built and checked before the first byte is written
     keys = _saved_keys(model, name)
     tensors = {}
     for file_key, t in _adapter_tensors(model, name, keys).items():
@@ -181,29 +211,69 @@ def save_adapter(
         "num_tensors": len(tensors),
         "num_parameters": sum(t.numel() for t in tensors.values()),
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        "files": {n: hashlib.sha256(d).hexdigest() for n, d in extra.items()},
         "metadata": metadata or {},
     }
-    path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / WEIGHTS_NAME, blob)
-    _write_atomic(path / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    try:
+        config_text = json.dumps(config, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the adapter's metadata must be JSON-serialisable ({e}); nothing was written") from None
+    staged = staging_directory(path)
+    try:
+        (staged / WEIGHTS_NAME).write_bytes(blob)
+        for file_name, data in extra.items():
+            (staged / file_name).write_bytes(data)
+        (staged / CONFIG_NAME).write_text(config_text)
+        if path.is_dir():  # keep what the user put beside the adapter
+            owned = _owned_files(path) | set(extra)
+            for f in path.iterdir():
+                if f.is_file() and not f.name.startswith(".") and f.name not in owned:
+                    shutil.copy2(f, staged / f.name)
+        replace_directory(staged, path)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return path
+
+
+def _check_config(config: dict[str, Any], config_path: Path) -> None:
+    """The fields :func:`load_adapter` relies on, with their types; a newer format is refused."""
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"'{config_path}' has no integer \"format_version\" (found {version!r}); it is not a valid adapter config")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"'{config_path}' is format version {version}, written by a newer monatune "
+            f"({config.get('monatune_version', '?')}); this monatune ({__version__}) reads version {FORMAT_VERSION}: upgrade monatune"
+        )
+    expected = {
+        "method": (str,), "options": (dict,), "weights_sha256": (str,), "targets": (str, type(None)),
+        "layout": (str,), "head": (list, type(None)), "adapter_name": (str, type(None)), "files": (dict,),
+    }  # fmt: skip
+    required = ("method", "options", "weights_sha256")
+    for key, types in expected.items():
+        if key not in config:
+            if key in required:
+                raise ValueError(f"'{config_path}' has no \"{key}\"; it is not a complete adapter config")
+            continue
+        if not isinstance(config[key], types):
+            allowed = " or ".join("null" if t is type(None) else {"str": "a string", "dict": "a mapping", "list": "a list"}[t.__name__] for t in types)
+            raise ValueError(f"'{config_path}': \"{key}\" must be {allowed}, got {config[key]!r}")
+    if config.get("layout", "NCHW") not in ("NCHW", "NHWC"):
+        raise ValueError(f"'{config_path}': \"layout\" must be \"NCHW\" or \"NHWC\", got {config['layout']!r}")
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read and check an adapter directory; returns its config and tensors."""
     path = Path(path)
+    recover_directory(path)
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory '{path}' does not exist")
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"'{path}' is not a monatune adapter directory: '{p.name}' is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"'{config_path}' is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"'{config_path}' is not a monatune adapter config (no \"format\": \"{FORMAT}\")")
+    config = _read_config(config_path)
     blob = weights_path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != config.get("weights_sha256"):
         raise ValueError(
@@ -215,6 +285,51 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     except (SafetensorError, ValueError) as e:
         raise ValueError(f"'{weights_path}' is not a readable safetensors file ({e})") from None
     return config, tensors
+
+
+def _read_config(config_path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"'{config_path}' is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"'{config_path}' is not a monatune adapter config (no \"format\": \"{FORMAT}\")")
+    _check_config(config, config_path)
+    return config
+
+
+def read_adapter_file(path: str | Path, name: str) -> bytes | None:
+    """An extra file saved with the adapter (``save_adapter(extra_files=...)``), checked against the config's hash.
+
+    None when the adapter was saved without it.
+    """
+    path = Path(path)
+    recover_directory(path)
+    config = _read_config(path / CONFIG_NAME)
+    sha = config.get("files", {}).get(name)
+    if sha is None:
+        return None
+    file = path / name
+    if not file.is_file():
+        raise FileNotFoundError(f"'{file}' is missing; '{path / CONFIG_NAME}' lists it (an incomplete copy?)")
+    data = file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise ValueError(f"'{file}' does not match the hash in '{path / CONFIG_NAME}': the files do not belong together")
+    return data
+
+
+def check_dtypes(tensors: Mapping[str, Tensor], target: Mapping[str, Tensor], source: str) -> None:
+    """Refuse integer or boolean file tensors for floating-point model tensors (a copy would silently cast them)."""
+    wrong = [
+        f"{k} ({tensors[k].dtype} in the file, {target[k].dtype} in the model)"
+        for k in sorted(set(tensors) & set(target))
+        if target[k].is_floating_point() and not (tensors[k].is_floating_point() or tensors[k].is_complex())
+    ]
+    if wrong:
+        raise ValueError(
+            f"'{source}' holds integer tensors where the model has floating-point weights ({len(wrong)}): "
+            f"{wrong[:3]}{' ...' if len(wrong) > 3 else ''}; it was not written by monatune from this model"
+        )
 
 
 def load_adapter(
@@ -283,6 +398,7 @@ def load_adapter(
             raise ValueError(
                 f"adapter '{path}' does not fit this model ({arch or type(model).__name__}): " + "; ".join(parts)
             )
+        check_dtypes({k: tensors[k] for k in keys}, {k: target[m] for k, m in keys.items()}, str(path))
         if check_base:
             found = base_fingerprint(model, exclude=set(keys.values()))
             if found != config.get("base_fingerprint"):

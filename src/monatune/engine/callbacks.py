@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import resource
-import shutil
 import statistics
 import sys
 import time
@@ -25,8 +23,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from ..atomic import write_file
 from ..checkpoints import save_adapter
 from .module import TASK_HEAD_FILE, task_head_state
 
@@ -42,9 +41,7 @@ def peak_memory_bytes(device: torch.device | None = None) -> tuple[int, str]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_file(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 class ResumeCheckpoint(ModelCheckpoint):
@@ -76,16 +73,11 @@ class AdapterCheckpoint(Callback):
     def _save(self, trainer: L.Trainer, pl_module: Any, name: str, metric: float | None) -> None:
         if not trainer.is_global_zero:
             return
-        final = Path(trainer.default_root_dir) / name
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         meta = {"epoch": trainer.current_epoch, "step": trainer.global_step, pl_module.monitor: metric}
-        save_adapter(pl_module.tuned, tmp, metadata=meta)
         head = task_head_state(pl_module.model, pl_module.tuned)
-        if head:  # a detector's neck and heads, which live outside the tuned backbone
-            save_file(head, str(tmp / TASK_HEAD_FILE))
-        shutil.rmtree(final, ignore_errors=True)  # the new one is complete before the old goes
-        os.replace(tmp, final)
+        # a detector's neck and heads live outside the tuned backbone; they are swapped in with the adapter
+        extra = {TASK_HEAD_FILE: save(head)} if head else None
+        save_adapter(pl_module.tuned, Path(trainer.default_root_dir) / name, metadata=meta, extra_files=extra)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":

@@ -62,15 +62,18 @@ def task_head_state(network: nn.Module, part: nn.Module) -> dict[str, torch.Tens
 
 def load_task_head(network: nn.Module, part: nn.Module, adapter_dir: str | Path) -> None:
     """Load ``task_head.safetensors`` of an adapter directory (if the task has one) into ``network``."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
+
+    from ..checkpoints.adapter import check_dtypes, read_adapter_file
 
     expected = task_head_state(network, part)
     path = Path(adapter_dir) / TASK_HEAD_FILE
     if not expected:
         return
-    if not path.is_file():
+    data = read_adapter_file(adapter_dir, TASK_HEAD_FILE)
+    if data is None:
         raise FileNotFoundError(f"'{adapter_dir}' has no {TASK_HEAD_FILE}: it holds the backbone's adapter but not this task's heads")
-    tensors = load_file(str(path))
+    tensors = load(data)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
@@ -79,6 +82,7 @@ def load_task_head(network: nn.Module, part: nn.Module, adapter_dir: str | Path)
             "(another detector, neck or class count?)"
         )
     targets = _task_head_tensors(network, part)
+    check_dtypes(tensors, targets, str(path))
     with torch.no_grad():
         for k, v in tensors.items():
             targets[k].copy_(v)
