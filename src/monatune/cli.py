@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Any, Callable, Sequence
 
@@ -176,6 +177,8 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _lightning(argv: list[str]) -> int:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from .engine.cli import run_lightning_cli
 
     try:
@@ -183,6 +186,16 @@ def _lightning(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"monatune {argv[0]}: error: {e}", file=sys.stderr)
         return 2
+    except SIGTERMException as e:  # a SystemExit without a status: a stopped job must not pass for a finished one
+        signum = getattr(e, "signal", signal.SIGTERM)
+        name = signal.Signals(signum).name
+        if argv[0] == "fit":
+            hint = (f"its state after step {getattr(e, 'step', '?')} is in checkpoints/last.ckpt; "
+                    "continue with the same command and --resume")  # fmt: skip
+        else:
+            hint = "nothing was written; run it again"
+        print(f"monatune {argv[0]}: stopped by {name}; {hint}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 
@@ -256,14 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        return _lightning(argv)
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
-        print(f"monatune {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            return _lightning(argv)
+        args = build_parser().parse_args(argv)
+        try:
+            return args.func(args)
+        except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
+            print(f"monatune {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        print(f"\nmonatune {argv[0] if argv else ''}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

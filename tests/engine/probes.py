@@ -59,3 +59,49 @@ class RankReport(L.Callback):
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+class SignalAtStep(L.Callback):
+    """Send ``signal`` (by number) to this process before training step ``step``, as SLURM or Ctrl-C would."""
+
+    def __init__(self, step: int, signal: int) -> None:
+        self.step, self.signal = step, signal
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signal)
+
+
+class KillAfter(L.Callback):
+    """SIGKILL this process ``seconds`` after training starts, wherever it is then (a step, a save, validation)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        import threading
+
+        timer = threading.Timer(self.seconds, os.kill, (os.getpid(), signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
+
+
+class SignalAtTestBatch(L.Callback):
+    """Send ``signal`` to this process at the first test batch."""
+
+    def __init__(self, signal: int) -> None:
+        self.signal = signal
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        os.kill(os.getpid(), self.signal)
+
+
+class KillInValidation(L.Callback):
+    """SIGKILL this process when the validation of epoch ``epoch`` starts (after that epoch's last step)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from .callbacks import AdapterCheckpoint, PredictionWriter, ResumeCheckpoint, RunSummary
+from .callbacks import AdapterCheckpoint, PredictionWriter, ResumeCheckpoint, RunSummary, StopOnSignal, TrimResumedMetrics
 from .module import TunedModule
 
 __all__ = ["MonatuneCLI", "run_lightning_cli", "SUBCOMMANDS"]
@@ -41,13 +41,16 @@ def _default_run_dir(config: Any) -> Path:
 
 
 def _keep_metrics(logger: CSVLogger) -> None:
-    """Keep the rows of a resumed run's ``metrics.csv``: Lightning's CSV writer deletes the file when it starts."""
+    """Keep the rows of a resumed run's ``metrics.csv``: Lightning's CSV writer deletes the file when it starts.
+
+    They are written back at once; :class:`TrimResumedMetrics` drops those of the steps the resumed run redoes.
+    """
     path = Path(logger.log_dir) / "metrics.csv"
     if rank_zero_only.rank != 0 or not path.is_file():
         return
     with path.open(newline="") as f:
         rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-    logger.experiment.metrics[:0] = rows  # written back at once; steps redone after the checkpoint repeat
+    logger.experiment.metrics[:0] = rows
     logger.save()
 
 
@@ -94,9 +97,12 @@ class MonatuneCLI(LightningCLI):
             last = run_dir / "checkpoints" / "last.ckpt"
             if config.resume:
                 if config.ckpt_path is None:
-                    if not last.is_file():
+                    if last.is_file():
+                        config.ckpt_path = str(last)
+                    elif (run_dir / "results.json").exists() or not (run_dir / "config.yaml").is_file():
                         raise FileNotFoundError(f"cannot resume: '{last}' does not exist (is --run_dir right?)")
-                    config.ckpt_path = str(last)
+                    else:  # stopped before its first checkpoint: nothing to continue from
+                        warnings.warn(f"'{run_dir}' stopped before its first checkpoint; training starts from the beginning")
             elif (run_dir / "checkpoints").exists() or (run_dir / "results.json").exists():
                 raise ValueError(
                     f"'{run_dir}' already holds a run; add --resume to continue it, or choose another --run_dir"
@@ -130,9 +136,11 @@ class MonatuneCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         sub, config = self.subcommand, self.config_init[self.subcommand]
-        callbacks: list[L.Callback] = [RunSummary()]
+        callbacks: list[L.Callback] = [RunSummary(), StopOnSignal()]
         if sub == "fit":
             callbacks += [ResumeCheckpoint(config.save_every_n_steps), AdapterCheckpoint()]
+            if config.resume:
+                callbacks.append(TrimResumedMetrics())
         if sub == "predict":
             callbacks.append(PredictionWriter())
         self.trainer_defaults["callbacks"] = callbacks
