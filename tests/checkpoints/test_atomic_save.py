@@ -88,7 +88,7 @@ def test_a_failure_at_every_write_step_leaves_a_complete_adapter(tmp_path, monke
     n = 1
     while True:
         with monkeypatch.context() as m:
-            calls = _fail_on_call(m, n)
+            _fail_on_call(m, n)
             try:
                 monatune.save_adapter(tuned, path, extra_files={"task_head.safetensors": b"new head"})
                 failed = False

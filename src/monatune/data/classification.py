@@ -28,7 +28,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 # image reading lives in .images; these names stay importable from here
-from .images import _IMAGE_ERRORS, _SKIP_HINT, ON_BAD_IMAGE, BadImageError, Skipped, _check_on_bad_image, open_image
+from .images import _IMAGE_ERRORS, _SKIP_HINT, ON_BAD_IMAGE, BadImageError, Skipped, _check_on_bad_image, open_image  # noqa: F401
 
 __all__ = [
     "FORMATS",
