@@ -58,3 +58,32 @@ def test_demo_refuses_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         run_demo(tmp_path, methods=["mona", "nope"], cache=tmp_path)
     assert set(DEMO_METHODS) == {"full", "fixed", "lora", "adapter", "mona"}
+
+
+def test_a_partial_digits_folder_is_never_reused(tmp_path):
+    """A write killed half-way leaves no folder (it is moved in complete); a partial one an older version
+    left is written again instead of scoring the test split on a fraction of its images."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from monatune.demo import prepare_digits
+
+    root = tmp_path / "digits"
+    code = f"from monatune.demo import write_digits; write_digits(__import__('pathlib').Path({str(root)!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 60
+    while not any(tmp_path.glob(".digits.saving-*/test")) and time.time() < deadline:  # it is writing
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not root.exists()  # only the staged leftover, which the next write removes
+    partial = root / "test" / "0"
+    partial.mkdir(parents=True)
+    Image.new("L", (32, 32)).save(partial / "0001.png")
+    prepare_digits(root)
+    assert len(list(root.rglob("*.png"))) == 1797 and sorted(p.name for p in tmp_path.iterdir()) == ["digits"]
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.png")}
+    prepare_digits(root)  # complete: reused as it is
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.png")} == before

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .atomic import recover_directory, replace_directory, staging_directory
 
 __all__ = ["run_demo", "DEMO_BACKBONE", "DEMO_METHODS", "write_shapes", "write_digits", "cache_dir"]
 
@@ -92,16 +95,34 @@ def _shape(kind: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def write_shapes(root: Path, per_class: int = 500, seed: int = 0) -> Path:
-    """An image folder of the generated shapes task: ``root/{train,val}/<shape>/*.png``."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), ("val", max(per_class // 10, 2))):
-        for kind in SHAPES:
-            folder = root / split / kind
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                _shape(kind, rng).save(folder / f"{i:05d}.png")
+def _write_folder(root: Path, fill: Callable[[Path], None]) -> Path:
+    """Write a data folder beside ``root`` and move it in complete: a killed write never leaves a partial one."""
+    staged = staging_directory(root)
+    try:
+        fill(staged)
+        replace_directory(staged, root)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return root
+
+
+def write_shapes(root: Path, per_class: int = 500, seed: int = 0) -> Path:
+    """An image folder of the generated shapes task: ``root/{train,val}/<shape>/*.png``, written in one step."""
+
+    def fill(staged: Path) -> None:
+        rng = np.random.default_rng(seed)
+        for split, n in (("train", per_class), ("val", max(per_class // 10, 2))):
+            for kind in SHAPES:
+                folder = staged / split / kind
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    _shape(kind, rng).save(folder / f"{i:05d}.png")
+
+    return _write_folder(Path(root), fill)
+
+
+DIGITS_COUNT = 1797  # images in assets/digits.csv.gz
 
 
 def read_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -118,12 +139,24 @@ def write_digits(root: Path, seed: int = 0, fractions: tuple[float, float] = (0.
     order = np.random.default_rng(seed).permutation(len(labels))
     n_train, n_val = int(fractions[0] * len(order)), int(fractions[1] * len(order))
     splits = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
-    for split, indices in splits.items():
-        for i in indices:
-            folder = root / split / str(labels[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = (images[i] * (255 / 16)).astype(np.uint8)
-            Image.fromarray(pixels).resize((32, 32), Image.BILINEAR).save(folder / f"{i:04d}.png")
+
+    def fill(staged: Path) -> None:
+        for split, indices in splits.items():
+            for i in indices:
+                folder = staged / split / str(labels[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = (images[i] * (255 / 16)).astype(np.uint8)
+                Image.fromarray(pixels).resize((32, 32), Image.BILINEAR).save(folder / f"{i:04d}.png")
+
+    return _write_folder(Path(root), fill)
+
+
+def prepare_digits(root: Path, seed: int = 0) -> Path:
+    """The digits folder at ``root``: reused when complete, else written (in one step)."""
+    recover_directory(root)
+    # a folder missing images (one a killed older version left) is written again
+    if not root.is_dir() or sum(1 for _ in root.rglob("*.png")) != DIGITS_COUNT:
+        write_digits(root, seed=seed)
     return root
 
 
@@ -223,9 +256,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else cache_dir()
     weights = pretrain(cache, per_class=shapes_per_class, epochs=pretrain_epochs, seed=seed, progress=progress, log=log)
-    digits = out / "digits"
-    if not (digits / "test").is_dir():
-        write_digits(digits, seed=seed)
+    digits = prepare_digits(out / "digits", seed=seed)
     rows = []
     for method in methods:
         log(f"transferring to the digits with {method} ...")
