@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .classification import DEFAULT_SPLITS, build_classification_dataset, detect_format
+from .classification import DEFAULT_SPLITS, FORMATS, build_classification_dataset, detect_format
 from .images import Skipped, open_image
 from .loading import ShardedDataModule
 
@@ -129,9 +129,12 @@ class ClassificationData(ShardedDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be at least 1, got {batch_size}")
+        if format != "auto" and format not in FORMATS:
+            raise ValueError(f"unknown data format {format!r} (data.init_args.format); choose one of {', '.join(FORMATS)} or auto")
         if not Path(root).exists():
             raise FileNotFoundError(f"data folder '{root}' does not exist; set `data.root` to your data set's folder")
         self.format = detect_format(root) if format == "auto" else format
+        self.image_size = image_size
         self.root, self.multilabel, self.on_bad_image = root, multilabel, on_bad_image
         self.splits = tuple(splits) if splits else DEFAULT_SPLITS[self.format]
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

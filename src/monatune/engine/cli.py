@@ -8,6 +8,7 @@ config written next to the outputs. This module adds the run directory around it
 from __future__ import annotations
 
 import csv
+import json
 import re
 import warnings
 from collections.abc import Sequence
@@ -52,6 +53,35 @@ def _keep_metrics(logger: CSVLogger) -> None:
         rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
     logger.experiment.metrics[:0] = rows
     logger.save()
+
+
+# what the trained tensors depend on: a resumed run must keep these as the run started with them
+_STRUCTURE = ("backbone", "method", "method_options", "num_classes", "multilabel", "model_kwargs")
+
+
+def _check_resumable(path: Path, model: Any) -> None:
+    """Refuse, in one line and before any work, a damaged checkpoint or one another model config wrote."""
+    import torch
+
+    try:  # Lightning's checkpoint holds only tensors and plain containers
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001  (torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file)
+        reason = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"cannot resume: '{path}' is damaged ({reason}); remove it and add --resume to start the run again "
+            "from the beginning"
+        ) from None
+    saved = state.get("hyper_parameters") or {}
+    now = model.init_args.as_dict() if hasattr(model.init_args, "as_dict") else dict(model.init_args)
+    plain = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples and lists compare equal)
+    if saved.get("_class_path") not in (None, model.class_path):
+        raise ValueError(f"cannot resume: the run is a {saved['_class_path']}, the config says {model.class_path}")
+    for key in _STRUCTURE:
+        if key in saved and key in now and plain(saved[key]) != plain(now[key]):
+            raise ValueError(
+                f"cannot resume: the run started with model.init_args.{key}={plain(saved[key])!r}, the config now says "
+                f"{plain(now[key])!r}; resume with the settings it started with (its config.yaml), or fit into a new --run_dir"
+            )
 
 
 class MonatuneCLI(LightningCLI):
@@ -99,6 +129,7 @@ class MonatuneCLI(LightningCLI):
                 if config.ckpt_path is None:
                     if last.is_file():
                         config.ckpt_path = str(last)
+                        _check_resumable(last, config.model)
                     elif (run_dir / "results.json").exists() or not (run_dir / "config.yaml").is_file():
                         raise FileNotFoundError(f"cannot resume: '{last}' does not exist (is --run_dir right?)")
                     else:  # stopped before its first checkpoint: nothing to continue from
@@ -128,10 +159,8 @@ class MonatuneCLI(LightningCLI):
             # jsonargparse lists what the model's or data's __init__ raised among the "Union subtypes" it
             # tried, under the whole config; the user needs that error alone (e.g. "data folder 'x' does not exist")
             cause = e.__cause__
-            if str(e).startswith("Does not validate against any of the Union subtypes") and isinstance(
-                cause, (ValueError, FileNotFoundError)
-            ):
-                raise cause from None
+            if str(e).startswith("Does not validate against any of the Union subtypes") and isinstance(cause, Exception):
+                raise cause from None  # a ValueError is reported in one line; anything else keeps its own traceback
             raise
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:

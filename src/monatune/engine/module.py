@@ -36,6 +36,8 @@ _RELEASE_PARTS = {"rpn": "rpn_head", "roi_heads": "roi_head", "head": "bbox_head
 
 
 def _existing_file(path: str | None, what: str) -> str | None:
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"{what} '{path}' is a directory; give the checkpoint file in it (.pth, .pt, .bin, .safetensors)")
     if path is not None and not Path(path).is_file():
         raise FileNotFoundError(f"{what} '{path}' does not exist; check the path in your config (or leave it out)")
     return path
@@ -202,6 +204,14 @@ class TunedModule(L.LightningModule):
             self.num_classes = getattr(data, "num_classes", None)
         if not self.num_classes:
             raise ValueError("`num_classes` is not set and the data module does not provide it")
+        provided = getattr(data, "num_classes", None)
+        if provided and self.num_classes < provided:
+            names = list(getattr(data, "classes", None) or [])
+            shown = f" ({', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''})" if names else ""
+            raise ValueError(
+                f"model.init_args.num_classes is {self.num_classes} but the data has {provided} classes{shown}; "
+                f"leave num_classes out to take the data's count, or set it to {provided}"
+            )
         self.classes = list(getattr(data, "classes", None) or []) or None
         return data
 
@@ -340,6 +350,16 @@ class TunedModule(L.LightningModule):
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} trained tensors of this model (first: {missing[:3]}); "
                 "it belongs to another method or model"
+            )
+        own = self.state_dict()
+        misshapen = [
+            f"{k} is {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
+            for k, v in checkpoint["state_dict"].items() if k in own and tuple(v.shape) != tuple(own[k].shape)
+        ]  # fmt: skip
+        if misshapen:
+            raise ValueError(
+                f"the checkpoint does not fit this model ({len(misshapen)} tensors differ in shape; {misshapen[0]}): the "
+                "class count or the method's options changed since the run started; resume with the settings it started with"
             )
         self._rng_to_restore = checkpoint.get(_RNG_KEY)
 

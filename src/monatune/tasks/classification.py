@@ -20,6 +20,22 @@ def multilabel_probabilities(logits: Tensor) -> Tensor:
     return torch.sigmoid(logits.detach().double())
 
 
+def _check_image_size(network: nn.Module, name: str, image_size: int | tuple[int, int] | None) -> None:
+    """A backbone with a fixed input size (timm's strict patch embedding: Swin, ViT, EVA) must get that size."""
+    embed = getattr(network, "patch_embed", None)
+    if image_size is None or embed is None or not getattr(embed, "strict_img_size", False):
+        return
+    want = tuple(embed.img_size)
+    got = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if got != want:
+        shown = want[0] if want[0] == want[1] else list(want)
+        raise ValueError(
+            f"data.init_args.image_size is {image_size} but {name} takes {want[0]}x{want[1]} images; set "
+            f"data.init_args.image_size={shown}, or build the backbone for your size with "
+            f"model.init_args.model_kwargs.img_size={image_size} (Swin: a window size that divides it)"
+        )
+
+
 class ImageClassifier(TunedModule):
     """Classify images with a tuned timm backbone; the classifier head trains with every method.
 
@@ -66,13 +82,15 @@ class ImageClassifier(TunedModule):
             self.multilabel = bool(getattr(data, "multilabel", False))
         self.val_metric, self.test_metric = self._metric(), self._metric()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        return timm.create_model(
+        network = timm.create_model(
             self.backbone_name,
             pretrained=False,
             num_classes=self.num_classes,
             drop_path_rate=self.drop_path_rate,
             **self.model_kwargs,
         )
+        _check_image_size(network, self.backbone_name, getattr(data, "image_size", None))
+        return network
 
     def _metric(self) -> nn.Module:
         if self.multilabel:
