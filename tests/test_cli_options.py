@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from monatune.cli import _parse_value, main
 
@@ -83,3 +84,16 @@ def test_demo_without_methods_is_refused_before_any_work(capsys, tmp_path, monke
     monkeypatch.setattr(monatune.demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
     assert main(["demo", "--methods", " ,", "--out", str(tmp_path / "demo")]) == 2
     assert error_text(capsys, "demo") == "--methods names no method, got ' ,'; give some of full,fixed,lora,adapter,mona"
+
+
+def test_model_kwargs_the_architecture_does_not_take_are_one_line(tmp_path, capsys):
+    from monatune.cli import main
+
+    ckpt = tmp_path / "release.pth"
+    torch.save({"state_dict": {}}, ckpt)
+    code = main(["convert", str(ckpt), str(tmp_path / "out"), "--model", "swin_tiny_patch4_window7_224",
+                 "--model-kwargs", '{"foo": 2}'])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "swin_tiny_patch4_window7_224 cannot be built with these arguments (got an unexpected keyword argument 'foo')" in err
+    assert not (tmp_path / "out").exists()

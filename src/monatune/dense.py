@@ -100,6 +100,18 @@ class DenseEva(Eva, _DenseTokens):
     forward = _DenseTokens.forward
 
 
+def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``, with an argument the architecture does not take reported as a ValueError
+    naming it (timm raises a TypeError from deep inside the model's constructor)."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        if "keyword argument" not in str(e) and "multiple values" not in str(e):
+            raise
+        reason = str(e).split(")", 1)[-1].strip() or str(e)
+        raise ValueError(f"{name} cannot be built with these arguments ({reason}); check model_kwargs") from None
+
+
 def build_dense_backbone(
     name: str,
     method: str | None = None,
@@ -134,7 +146,7 @@ def build_dense_backbone(
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; dense backbones are built for {DENSE_FAMILIES}")
     if timm.models.is_model_in_modules(name, ["swin_transformer"]):
-        model = timm.create_model(
+        model = create_timm_model(
             name, pretrained=False, num_classes=0, always_partition=True, strict_img_size=False, **kwargs
         )
         if type(model) is not SwinTransformer:
@@ -153,7 +165,7 @@ def build_dense_backbone(
         model.strides = [info["reduction"] for info in model.feature_info]
         model.out_indices = indices
     elif timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva"]):
-        model = timm.create_model(
+        model = create_timm_model(
             name, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True, **kwargs
         )
         dense_cls = {VisionTransformer: DenseViT, Eva: DenseEva}.get(type(model))

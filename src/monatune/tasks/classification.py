@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
 
+from ..dense import create_timm_model
 from ..engine.module import TunedModule
 
 __all__ = ["ImageClassifier"]
@@ -82,7 +82,7 @@ class ImageClassifier(TunedModule):
             self.multilabel = bool(getattr(data, "multilabel", False))
         self.val_metric, self.test_metric = self._metric(), self._metric()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        network = timm.create_model(
+        network = create_timm_model(
             self.backbone_name,
             pretrained=False,
             num_classes=self.num_classes,
