@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-__all__ = ["ON_BAD_IMAGE", "BadImageError", "Skipped", "read_rgb", "open_image", "is_skipped"]
+__all__ = ["ON_BAD_IMAGE", "BadImageError", "Skipped", "read_rgb", "open_image"]
 
 ON_BAD_IMAGE = ("error", "skip")
 _SKIP_HINT = "or set data.on_bad_image=skip to skip unreadable images"
@@ -36,11 +36,6 @@ class Skipped:
     """
 
     path: str
-
-
-def is_skipped(item: object) -> bool:
-    """Whether a data set item is a :class:`Skipped` marker."""
-    return isinstance(item, Skipped)
 
 
 def read_rgb(path: str) -> Image.Image:

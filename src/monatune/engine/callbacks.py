@@ -1,7 +1,6 @@
 """What a monatune run leaves in its directory, written by Lightning callbacks.
 
-- :class:`ResumeCheckpoint`: ``checkpoints/last.ckpt``, Lightning's full training state
-  (trainable tensors, optimiser, schedule, loops, data position, RNG), for ``--resume``.
+- :class:`ResumeCheckpoint` (in :mod:`.resume`, with how runs stop and resume): ``checkpoints/last.ckpt``.
 - :class:`AdapterCheckpoint`: ``adapter-best/`` and ``adapter-last/``, adapter-only files
   (``monatune.save_adapter``: adapters, head, any trained base tensors).
 - :class:`RunSummary`: ``results.json`` (metric, parameters, memory, speed) and ``curves.png``.
@@ -9,25 +8,19 @@
 from __future__ import annotations
 
 import csv
-import functools
-import io
 import json
 import math
 import resource
-import signal
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from safetensors.torch import save
 
@@ -35,10 +28,7 @@ from ..atomic import write_file
 from ..checkpoints import save_adapter
 from .module import TASK_HEAD_FILE, task_head_state
 
-__all__ = [
-    "ResumeCheckpoint", "StopOnSignal", "TrimResumedMetrics", "AdapterCheckpoint", "RunSummary", "PredictionWriter",
-    "peak_memory_bytes",
-]
+__all__ = ["AdapterCheckpoint", "RunSummary", "PredictionWriter", "peak_memory_bytes"]
 
 
 def peak_memory_bytes(device: torch.device | None = None) -> tuple[int, str]:
@@ -51,99 +41,6 @@ def peak_memory_bytes(device: torch.device | None = None) -> tuple[int, str]:
 
 def _write_json(path: Path, data: Any) -> None:
     write_file(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-class ResumeCheckpoint(ModelCheckpoint):
-    """``<run>/checkpoints/last.ckpt`` every ``every_n_train_steps`` steps and at every epoch's end."""
-
-    def __init__(self, every_n_train_steps: int = 100) -> None:
-        super().__init__(save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.dirpath is None:
-            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
-        super().setup(trainer, pl_module, stage)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Lightning resumes a checkpoint taken between a step and the validation that follows it as if that
-        # validation had run, and skips it; so none is taken there (the save after the validation covers it).
-        # Lightning has no public test for "validation follows this step".
-        loop = trainer.fit_loop
-        if loop._data_fetcher is not None and loop.epoch_loop._should_check_val_fx(loop._data_fetcher):
-            return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # ModelCheckpoint saves either every n steps or every epoch; a resumable run wants both
-        super().on_train_epoch_end(trainer, pl_module)
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # Lightning stops a signalled fit between two steps (SIGTERMException); the state there is a step
-        # boundary, what --resume needs. Any other exception may come mid-step: the last checkpoint stays.
-        if isinstance(exception, SIGTERMException) and trainer.training and not trainer.sanity_checking:
-            if not self._should_skip_saving_checkpoint(trainer):
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-class TrimResumedMetrics(Callback):
-    """A resumed fit redoes the steps after its checkpoint: drop their rows from ``metrics.csv`` (one row per step)."""
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            path = Path(logger.log_dir or "") / "metrics.csv" if isinstance(logger, CSVLogger) else None
-            if path is None or not path.is_file():
-                continue
-            logger.save()
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                fields, rows = reader.fieldnames or [], list(reader)
-            kept = [r for r in rows if r.get("step") in (None, "") or int(float(r["step"])) < trainer.global_step]
-            if len(kept) < len(rows):
-                text = io.StringIO(newline="")
-                writer = csv.DictWriter(text, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(kept)
-                write_file(path, text.getvalue().encode())
-
-
-class StopOnSignal(Callback):
-    """A stop by signal ends the command with the signal's exit status, after what ``--resume`` needs is saved.
-
-    Lightning turns SIGTERM (SLURM, ``timeout``, ``docker stop``) into a stop at the next step boundary
-    (``SIGTERMException``); this callback makes a first Ctrl-C do the same (a second stops at once) and
-    labels the exception with the signal, which the CLI reports and exits with (128 + signal number).
-    """
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: Any = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, functools.partial(self._on_sigint, trainer))
-
-    def _on_sigint(self, trainer: L.Trainer, signum: int, frame: Any) -> None:
-        if self.signal == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop at once
-        self.signal = signal.SIGINT
-        print("\nCtrl-C: stopping after this step (press it again to stop at once) ...", file=sys.stderr, flush=True)
-        # Lightning's graceful stop; it has no public switch for it (received_sigterm is read-only)
-        trainer._signal_connector.received_sigterm = True
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            exception.signal = self.signal or signal.SIGTERM  # type: ignore[attr-defined]
-            exception.step = trainer.global_step  # type: ignore[attr-defined]
-            exception.stage = trainer.state.fn.value if trainer.state.fn else None  # type: ignore[attr-defined]
 
 
 class AdapterCheckpoint(Callback):

@@ -21,7 +21,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from .callbacks import AdapterCheckpoint, PredictionWriter, ResumeCheckpoint, RunSummary, StopOnSignal, TrimResumedMetrics
+from .callbacks import AdapterCheckpoint, PredictionWriter, RunSummary
+from .resume import ResumeCheckpoint, StopOnSignal, TrimResumedMetrics
 from .module import TunedModule
 
 __all__ = ["MonatuneCLI", "run_lightning_cli", "SUBCOMMANDS"]
