@@ -34,6 +34,7 @@ __all__ = ["SimpleFeaturePyramid", "FeatureBackbone", "build_feature_backbone", 
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "cascade_mask_rcnn")
 _SINGLE_STAGE = ("retinanet", "fcos")
+_EXTRA = ("maxpool", "p6p7", "p6p7_relu")
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -70,6 +71,9 @@ class FeatureBackbone(nn.Module):
     """Dense backbone (``body``), optional simple pyramid, and FPN; torchvision's backbone contract.
 
     ``out_channels`` is the FPN width; ``forward`` returns the FPN's ordered dict of maps.
+    ``extra``: the levels above the last stage: ``"maxpool"`` (R-CNNs), ``"p6p7"`` (P6 from C5, P7
+    from P6, mmdet ``on_input``) or ``"p6p7_relu"`` (P6 from P5, P7 from ReLU(P6), mmdet ``on_output``
+    with ``relu_before_extra_convs``, as H2RBox uses; torchvision's ``LastLevelP6P7`` at FPN width).
     """
 
     def __init__(self, body: nn.Module, *, levels: list[int], extra: str, out_channels: int = 256) -> None:
@@ -79,7 +83,14 @@ class FeatureBackbone(nn.Module):
         channels = self.pyramid.out_channels if self.pyramid is not None else body.out_channels
         self.levels = list(levels)
         in_channels = [channels[i] for i in self.levels]
-        extra_blocks = LastLevelP6P7NoReLU(in_channels[-1], out_channels) if extra == "p6p7" else LastLevelMaxPool()
+        if extra not in _EXTRA:
+            raise ValueError(f"`extra` must be one of {_EXTRA}, got {extra!r}")
+        if extra == "p6p7":
+            extra_blocks = LastLevelP6P7NoReLU(in_channels[-1], out_channels)
+        elif extra == "p6p7_relu":  # mmdet "on_output" + relu_before_extra_convs: P6 = conv(P5), P7 = conv(ReLU(P6))
+            extra_blocks = LastLevelP6P7(out_channels, out_channels)
+        else:
+            extra_blocks = LastLevelMaxPool()
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks)
         for conv in (m for m in self.fpn.modules() if isinstance(m, nn.Conv2d)):  # mmdet's FPN.init_weights
             nn.init.xavier_uniform_(conv.weight)
