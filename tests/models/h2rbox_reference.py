@@ -187,7 +187,7 @@ def release_loss(cls_scores, bbox_preds, angle_preds, centernesses, gt_bboxes, g
         loss_ss = 0.2 * torch.where(diff < 0.1, 0.5 * diff * diff / 0.1, diff - 0.5 * 0.1).mean()
     else:
         loss_ss = pair_angle_preds.sum()
-    return dict(loss_cls=loss_cls, loss_bbox=loss_bbox, loss_centerness=loss_centerness, loss_ss=loss_ss)
+    return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_centerness": loss_centerness, "loss_ss": loss_ss}
 
 
 def release_detections(cls_scores, bbox_preds, angle_preds, centernesses, points, strides, *, num_classes, nms_pre,

@@ -192,11 +192,12 @@ def test_head_loss_without_positives_is_zero_and_in_the_graph():
     empty = [torch.zeros(0, 5)] * 2
     losses = head.loss(outputs, empty, [torch.zeros(0, dtype=torch.long)] * 2, [torch.zeros(0)] * 2, ("rot", 1.0))
     assert losses["loss_bbox"].item() == losses["loss_centerness"].item() == losses["loss_ss"].item() == 0.0
-    p = torch.sigmoid(outputs[0][0])  # focal of all-negative targets, divided by max(0, 1) = 1
-    assert losses["loss_cls"].item() > 0
+    logits = torch.cat([c.flatten() for c in outputs[0]]).detach()  # every channel a negative; n_pos = max(0, 1)
+    p = torch.sigmoid(logits)
+    focal = (0.75 * p**2 * torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(p), reduction="none")).sum()
+    torch.testing.assert_close(losses["loss_cls"], focal)
     sum(losses.values()).backward()
     assert all(t.grad is not None for level in outputs for t in level)
-    del p
 
 
 # ---------------------------------------------------------------- views and batching
