@@ -1,6 +1,6 @@
 """Load the checkpoints people already have into timm backbones and dense backbones.
 
-One call, :func:`load_pretrained`, reads four formats, detected from the keys (or named
+One call, :func:`load_pretrained`, reads five formats, detected from the keys (or named
 with ``format=``):
 
 ``official-swin``  Microsoft's Swin ``.pth`` (``{'model': state_dict}``, patch merging at the
@@ -9,6 +9,14 @@ with ``format=``):
                    the model's family (position-embedding resampling and the like).
 ``mmlab``          OpenMMLab files (``{'state_dict': ..., 'meta': ...}``), ``backbone.`` prefix;
                    neck and head entries are skipped.
+``mmlab-swin``     OpenMMLab's own Swin (mmseg / mmdet 2.x ``SwinTransformer``): the ImageNet
+                   Swin files mmseg converted (``swin_base_patch4_window7_224_22k_20220317-
+                   4f79f7c0.pth``, which the STAR-MMRotate configs load) and whole mmdet/mmrotate
+                   detector checkpoints (``backbone.`` prefix; neck and head skipped). Names
+                   ``patch_embed.projection``, ``stages.i.blocks.j.attn.w_msa.qkv``,
+                   ``ffn.layers.0.0`` / ``ffn.layers.1``, ``stages.i.downsample`` (patch merging
+                   at the end of stage i, its 4C inputs in ``nn.Unfold`` order); undone here
+                   (:func:`mmlab_swin_to_official`), then timm's Swin filter as for ``official-swin``.
 ``release``        checkpoints trained with the Mona authors' release: ``mmlab`` with the two
                    Mona modules per block as ``my_module_1`` / ``my_module_2`` and output norms
                    ``norm0..3``; they load into a Mona-tuned :func:`build_dense_backbone`.
@@ -35,9 +43,12 @@ from torch import Tensor, nn
 
 from ..tuning import adapter_modules, classifier_names, get_state, model_name, refresh_pristine
 
-__all__ = ["load_pretrained", "read_checkpoint", "read_state_dict", "LoadReport", "FORMATS", "UnsafeCheckpointError"]
+__all__ = [
+    "load_pretrained", "read_checkpoint", "read_state_dict", "mmlab_swin_to_official", "LoadReport", "FORMATS",
+    "UnsafeCheckpointError",
+]
 
-FORMATS = ("auto", "official-swin", "timm", "mmlab", "release")
+FORMATS = ("auto", "official-swin", "timm", "mmlab", "mmlab-swin", "release")
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # what a checkpoint file is called
 _NOT_IN_DENSE = ("head.", "norm.", "fc_norm.", "head_drop.", "attn_pool.")  # classification-only parts
 
@@ -180,8 +191,50 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     return tensors, mmlab
 
 
+# A key only OpenMMLab's Swin has (after an optional ``backbone.``): its attention, FFN or patch embedding.
+_MMLAB_SWIN_KEY = re.compile(r"^(backbone\.)?(stages\.\d+\.blocks\.\d+\.(attn\.w_msa|ffn\.layers)\.|patch_embed\.projection\.)")
+
+
+def _unfold_to_official(value: Tensor) -> Tensor:
+    """Patch-merging weights from ``nn.Unfold`` channel order back to the official Swin order.
+
+    The official ``PatchMerging`` concatenates the four 2x2 neighbours as [(0,0), (1,0), (0,1),
+    (1,1)] blocks of C channels (timm does the same); OpenMMLab's unfolds them channel by channel
+    in the order (0,0), (0,1), (1,0), (1,1). mmdet's ``swin_converter`` (``correct_unfold_*_order``)
+    maps official -> unfold; this is its inverse (the neighbour permutation [0, 2, 1, 3] is its own).
+    """
+    if value.ndim == 2:  # reduction weight: out, 4C
+        out, four_c = value.shape
+        return value.reshape(out, four_c // 4, 4).transpose(1, 2)[:, [0, 2, 1, 3]].reshape(out, four_c)
+    return value.reshape(-1, 4).t()[[0, 2, 1, 3]].reshape(-1)  # norm weight / bias: 4C
+
+
+def mmlab_swin_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """OpenMMLab Swin names (``backbone.`` already removed) -> the official Swin layout.
+
+    The inverse of mmdet's ``swin_converter`` / mmseg's ``swin2mmseg``: ``patch_embed.projection``
+    -> ``patch_embed.proj``, ``stages`` -> ``layers``, ``attn.w_msa.`` -> ``attn.``,
+    ``ffn.layers.0.0`` / ``ffn.layers.1`` -> ``mlp.fc1`` / ``mlp.fc2``, and the patch-merging
+    (``downsample``) weights back to the official channel order. Other keys (output norms
+    ``norm0..3``, a final ``norm``) keep their names.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("patch_embed.projection."):
+            k = "patch_embed.proj." + k[len("patch_embed.projection."):]
+        elif k.startswith("stages."):
+            k = "layers." + k[len("stages."):]
+            k = k.replace(".attn.w_msa.", ".attn.").replace(".ffn.layers.0.0.", ".mlp.fc1.").replace(".ffn.layers.1.", ".mlp.fc2.")
+            if re.match(r"layers\.\d+\.downsample\.(reduction\.weight|norm\.(weight|bias))$", k):
+                v = _unfold_to_official(v)
+        out[k] = v
+    return out
+
+
 def detect_format(state_dict: Mapping[str, Tensor], mmlab: bool = False) -> str:
     keys = list(state_dict)
+    if any(_MMLAB_SWIN_KEY.match(k) for k in keys):
+        return "mmlab-swin"
     if any(".my_module_" in k or k.endswith(".qkv.lora_A") for k in keys):
         return "release"
     if mmlab or any(k.startswith("backbone.") for k in keys):
@@ -235,11 +288,13 @@ def convert_state_dict(
 ) -> tuple[dict[str, Tensor], list[str]]:
     """Map a file's tensors onto ``model``'s names; returns them and the skipped file keys."""
     skipped: list[str] = []
-    if fmt in ("mmlab", "release"):
+    if fmt in ("mmlab", "release") or (fmt == "mmlab-swin" and any(k.startswith("backbone.") for k in state_dict)):
         skipped = [k for k in state_dict if not k.startswith("backbone.")]
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     if fmt == "release":
         state_dict = _from_release(state_dict, model)
+    if fmt == "mmlab-swin":
+        state_dict = mmlab_swin_to_official(state_dict)  # timm's Swin filter below moves patch merging
     # timm's Swin filter looks up the module of every relative-position table; tables of blocks
     # the model lacks (a deeper checkpoint) go around it and are reported as not in the model.
     modules = dict(model.named_modules())
@@ -294,6 +349,11 @@ def load_pretrained(
         )
     if fmt == "mmlab" and not any(k.startswith("backbone.") for k in raw):
         raise ValueError(f"'{path}' has no `backbone.` tensors, so it is not an OpenMMLab detector/segmentor file")
+    if fmt == "mmlab-swin" and detected != "mmlab-swin":
+        raise ValueError(
+            f"'{path}' has no OpenMMLab Swin tensors (`stages.N.blocks.N.attn.w_msa.*`, `patch_embed.projection.*`), "
+            f"so it is not an mmseg/mmdet Swin file; it looks like a {detected} file (load it with format='auto')"
+        )
     arch = model_name(model) or type(model).__name__
     try:
         converted, skipped = convert_state_dict(raw, model, fmt)
