@@ -68,7 +68,7 @@ def test_apply_refuses_before_touching_the_model(method, name, value):
 
 def test_good_values_are_kept_in_a_standard_form():
     assert resolve_method("mona", {"kernel_sizes": [3, 5], "dropout": 0}).to_dict() == {
-        "bottleneck": 64, "kernel_sizes": (3, 5), "dropout": 0.0}  # fmt: skip
+        "bottleneck": 64, "kernel_sizes": (3, 5), "dropout": 0.0, "init": "trunc_normal"}  # fmt: skip
     assert resolve_method("lora", {"modules": ["q", "k"], "alpha": 2}).modules == ("q", "k")
     assert resolve_method("lora", {"modules": "v"}).modules == ("v",)
     assert resolve_method("lorand", {"bottleneck": None}).bottleneck is None

@@ -11,7 +11,10 @@ questions about a model:
 
 The head named at :func:`monatune.apply` always trains. Spec section 4 lists what each
 method trains in the release; option names are shared across methods (``bottleneck``,
-``dropout``, ``rank``, ``scale``).
+``dropout``, ``rank``, ``scale``). Defaults are the Mona release's (Leiyi-Hu/mona); the
+STAR-MMRotate fork's Swin backbones differ in two ways an option reaches: adapter linears keep
+PyTorch's init (``init="default"`` for mona, adapter, adaptformer) and LoRand has 4 branches with
+a kernel per projection (``branches=4, shared_kernel=False``).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .adapters.bottleneck import Bottleneck
+from .adapters.bottleneck import INITS, Bottleneck
 from .adapters.lora import LoRA
 from .adapters.lorand import LoRand
 from .adapters.mona import Mona
@@ -95,8 +98,17 @@ def _odd_sizes(value: Any) -> tuple[int, ...]:
     return sizes
 
 
+def _init(value: Any) -> str:
+    if value not in INITS:
+        raise ValueError
+    return value
+
+
 POSITIVE_INT = Check("a positive int", _positive_int)
 DROPOUT = Check("a number in [0, 1)", _probability)
+#: How an adapter's linears start: the Mona release's init routine, or PyTorch's default (STAR-MMRotate).
+INIT = Check(f"one of {', '.join(repr(i) for i in INITS)}", _init)
+BOOL = Check("true or false", _bool)
 
 
 @dataclass
@@ -240,9 +252,10 @@ class MonaOptions(_SlotOptions):
         (3, 5, 7), Check("a non-empty list of positive odd ints, e.g. [3, 5, 7] (one kernel: [3])", _odd_sizes)
     )
     dropout: float = option(0.1, DROPOUT)  # before the up-projection
+    init: str = option("trunc_normal", INIT)  # project1/2: "trunc_normal" (std 0.02, Mona release) or "default" (STAR)
 
     def build(self, dim: int) -> nn.Module:
-        return Mona(dim, bottleneck=self.bottleneck, kernel_sizes=self.kernel_sizes, dropout=self.dropout)
+        return Mona(dim, bottleneck=self.bottleneck, kernel_sizes=self.kernel_sizes, dropout=self.dropout, init=self.init)
 
 
 @dataclass
@@ -255,9 +268,10 @@ class AdapterOptions(_SlotOptions):
 
     bottleneck: int = option(64, POSITIVE_INT)  # hidden width
     dropout: float = option(0.1, DROPOUT)  # before the up-projection
+    init: str = option("trunc_normal", INIT)  # linears: "trunc_normal" (std 0.02, Mona release) or "default" (STAR)
 
     def build(self, dim: int) -> nn.Module:
-        return Bottleneck(dim, self.bottleneck, self.dropout)
+        return Bottleneck(dim, self.bottleneck, self.dropout, init=self.init)
 
 
 @dataclass
@@ -271,9 +285,10 @@ class AdaptFormerOptions(_SlotOptions):
     bottleneck: int = option(64, POSITIVE_INT)  # hidden width
     dropout: float = option(0.1, DROPOUT)  # before the up-projection
     scale: float = option(0.1, Check("a finite number", _finite))  # factor on the branch
+    init: str = option("trunc_normal", INIT)  # linears: "trunc_normal" (std 0.02, Mona release) or "default" (STAR)
 
     def build(self, dim: int) -> nn.Module:
-        return Bottleneck(dim, self.bottleneck, self.dropout, scale=self.scale, residual=False)
+        return Bottleneck(dim, self.bottleneck, self.dropout, scale=self.scale, residual=False, init=self.init)
 
 
 @dataclass
@@ -289,9 +304,10 @@ class LoRandOptions(_SlotOptions):
     )
     rank: int = option(8, POSITIVE_INT)  # size of each branch's kernel (beta)
     branches: int = option(2, POSITIVE_INT)  # low-rank products per projection (alpha)
+    shared_kernel: bool = option(True, BOOL)  # one kernel per branch for both projections; False: one each (STAR)
 
     def build(self, dim: int) -> nn.Module:
-        return LoRand(dim, self.bottleneck, rank=self.rank, branches=self.branches)
+        return LoRand(dim, self.bottleneck, rank=self.rank, branches=self.branches, shared_kernel=self.shared_kernel)
 
 
 @dataclass
@@ -302,7 +318,7 @@ class VPTOptions(MethodOptions):
     paper: ClassVar[str] = "VPT (Jia et al., ECCV 2022)"
 
     num_tokens: int = option(10, POSITIVE_INT)  # prompts per block (deep) or in all (shallow)
-    deep: bool = option(True, Check("true or false", _bool))  # new prompts in every block, or only before the first
+    deep: bool = option(True, BOOL)  # new prompts in every block, or only before the first
     dropout: float = option(0.0, DROPOUT)  # on the prompts
 
     def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:

@@ -40,7 +40,8 @@ def test_round_trip_is_bit_exact_and_holds_no_backbone_tensor(tmp_path, factory)
     x = torch.randn(1, 3, 224, 224)
     assert torch.equal(loaded.eval()(x), tuned.eval()(x))
     config = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
-    assert config["method"] == "mona" and config["options"] == {"bottleneck": 64, "kernel_sizes": [3, 5, 7], "dropout": 0.1}
+    assert config["method"] == "mona" and config["options"] == {
+        "bottleneck": 64, "kernel_sizes": [3, 5, 7], "dropout": 0.1, "init": "trunc_normal"}  # fmt: skip
     assert config["num_parameters"] == sum(v.numel() for v in saved.values())
 
 

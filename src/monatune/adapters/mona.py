@@ -37,6 +37,11 @@ whole model):
   break), for double backward, and as the reference of the fused path's tests.
 - ``"release"``: the release's structure (three convolutions, separate projector skip, an
   NCHW view), kept so that benchmarks measure the speed-up over it.
+
+Initialisation (``init``): ``"trunc_normal"`` (default), the Mona release's backbone init routine
+(project1/project2 truncated normal std 0.02, zero bias); ``"default"``, PyTorch's ``nn.Linear``
+init, as the STAR-MMRotate fork's ``SwinMona`` leaves them (its ``init_weights`` loads the
+checkpoint and re-initialises nothing). LayerNorm, scales and convolutions start the same in both.
 """
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .bottleneck import check_init, init_linears
 
 __all__ = ["Mona", "MonaOp", "check_mona_options", "set_mona_impl", "MONA_IMPLS"]
 
@@ -244,6 +251,8 @@ class Mona(nn.Module):
         bottleneck: Width of the bottleneck (64 in the release).
         kernel_sizes: Odd kernel sizes of the averaged depthwise convolutions ((3, 5, 7)).
         dropout: Dropout before the up-projection (0.1 in the release).
+        init: How project1/project2 start: ``"trunc_normal"`` (the Mona release) or ``"default"``
+            (PyTorch's, as STAR-MMRotate's ``SwinMona``).
 
     ``impl`` selects one of three implementations of the same function (module docstring):
     ``"fused"`` (default), ``"plain"`` or ``"release"``.
@@ -265,9 +274,11 @@ class Mona(nn.Module):
         bottleneck: int = 64,
         kernel_sizes: Sequence[int] = (3, 5, 7),
         dropout: float = 0.1,
+        init: str = "trunc_normal",
     ) -> None:
         super().__init__()
         check_mona_options(dim=dim, bottleneck=bottleneck, kernel_sizes=kernel_sizes, dropout=dropout)
+        check_init(init)
         self.dim = dim
         self.norm = nn.LayerNorm(dim)
         self.gamma = nn.Parameter(torch.full((dim,), 1e-6))  # scale of the normalised input
@@ -276,11 +287,9 @@ class Mona(nn.Module):
         self.adapter_conv = MonaOp(bottleneck, kernel_sizes)
         self.dropout = nn.Dropout(dropout)
         self.project2 = nn.Linear(bottleneck, dim)
-        # The release's backbone init routine: truncated normal (std 0.02) linears, zero bias.
+        # The release's backbone init routine (truncated normal std 0.02, zero bias) or PyTorch's.
         # The up-projection is not zero-initialised, so an untrained Mona is not an identity.
-        for linear in (self.project1, self.project2):
-            nn.init.trunc_normal_(linear.weight, std=0.02)
-            nn.init.zeros_(linear.bias)
+        init_linears(init, self.project1, self.project2)
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None, num_prefix_tokens: int = 0) -> Tensor:
         """Adapt a feature map.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -26,7 +26,7 @@ from ..methods import resolve_method
 from ..params import ParamReport, count_parameters
 from .decay import check_paramwise, mmcv_param_groups
 
-__all__ = ["TunedModule", "SCHEDULES"]
+__all__ = ["TunedModule", "SCHEDULES", "resolve_options"]
 
 SCHEDULES = ("cosine", "step", "poly", "constant")
 FROZEN_PRECISIONS = ("bf16", "fp16")
@@ -90,13 +90,46 @@ def load_task_head(network: nn.Module, part: nn.Module, adapter_dir: str | Path)
             targets[k].copy_(v)
 
 
+def resolve_options(
+    method: str, method_options: dict[str, Any] | None, method_options_by_method: dict[str, dict[str, Any]] | None
+) -> dict[str, Any]:
+    """The options ``method`` is applied with: its entry of ``method_options_by_method`` updated by
+    ``method_options``; every entry is checked (``ValueError`` naming the method, option and value).
+
+    Idempotent on its own result (``resolve_options(m, resolve_options(m, o, b), b)`` is the same), so
+    a run's saved hyperparameters and its config resolve alike.
+    """
+    by_method = method_options_by_method or {}
+    if not isinstance(by_method, Mapping):
+        raise ValueError(
+            f"`method_options_by_method` must map method names to their options, got {method_options_by_method!r}"
+        )
+    for name, entry in by_method.items():
+        try:  # an unknown method, option or value fails here, whichever method runs
+            resolve_method(name, entry)
+        except ValueError as e:
+            raise ValueError(f"method_options_by_method.{name}: {e}") from None
+    if method_options is not None and not isinstance(method_options, Mapping):
+        resolve_method(method, method_options)  # raises: an unknown method, or options that are no mapping
+    options = {**(by_method.get(method) or {}), **(method_options or {})}
+    resolve_method(method, options)  # unknown method or option: fail before any work
+    return options
+
+
 class TunedModule(L.LightningModule):
     """Base of the monatune tasks: a timm backbone, a tuning method, an optimizer recipe.
 
     Args:
         backbone: timm model name, e.g. ``swin_large_patch4_window7_224``.
         method: Tuning method (``monatune.METHODS``).
-        method_options: Options of the method, e.g. ``{"bottleneck": 32}``.
+        method_options: Options of the method, e.g. ``{"bottleneck": 32}``; they update the
+            method's entry of ``method_options_by_method``.
+        method_options_by_method: Per-method options the chosen method starts from (``{"mona":
+            {"init": "default"}, "lorand": {"branches": 4, "shared_kernel": false}}``), so that a
+            task config carries a release's per-method settings while a method config, composed
+            after it, sets ``method_options: {}``. Every entry is checked. The resolved options
+            (this entry updated by ``method_options``) are what ``method_options`` holds, what the
+            saved hyperparameters record and what the method is applied with.
         pretrained: Weights to start from: an official Swin ``.pth``, a timm ``.safetensors``/``.bin``.
         model_kwargs: Extra ``timm.create_model`` arguments (e.g. ``img_size``, ``depths``).
         drop_path_rate: Stochastic depth of the backbone.
@@ -137,6 +170,7 @@ class TunedModule(L.LightningModule):
         *,
         method: str = "mona",
         method_options: dict[str, Any] | None = None,
+        method_options_by_method: dict[str, dict[str, Any]] | None = None,
         pretrained: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         drop_path_rate: float = 0.0,
@@ -164,7 +198,7 @@ class TunedModule(L.LightningModule):
             raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
         if lr <= 0:
             raise ValueError(f"`lr` must be positive, got {lr}")
-        resolve_method(method, method_options or {})  # unknown method or option: fail before any work
+        options = resolve_options(method, method_options, method_options_by_method)  # fails before any work
         if frozen_precision is not None:
             if frozen_precision not in FROZEN_PRECISIONS:
                 raise ValueError(f"unknown frozen_precision {frozen_precision!r}; choose from {FROZEN_PRECISIONS}")
@@ -173,7 +207,7 @@ class TunedModule(L.LightningModule):
         self.activation_checkpointing, self.frozen_precision = activation_checkpointing, frozen_precision
         self.backbone_name = backbone
         self.method = method
-        self.method_options = dict(method_options or {})
+        self.method_options = options
         self.pretrained = _existing_file(pretrained, "pretrained weights file")
         if adapter is not None and not Path(adapter).is_dir():
             raise FileNotFoundError(f"adapter directory '{adapter}' does not exist")
@@ -190,6 +224,10 @@ class TunedModule(L.LightningModule):
         self.model: nn.Module | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self.save_hyperparameters()
+        if options != dict(method_options or {}):  # method_options_by_method added some: record the options the
+            # method is applied with (a checkpoint's hparams rebuild the same model; a resume compares them)
+            self.hparams["method_options"] = dict(options)
+            self._hparams_initial["method_options"] = dict(options)  # what loggers write (hparams.yaml)
 
     # -- building -------------------------------------------------------------------------
     def build_network(self) -> nn.Module:
