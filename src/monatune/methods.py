@@ -111,6 +111,22 @@ INIT = Check(f"one of {', '.join(repr(i) for i in INITS)}", _init)
 BOOL = Check("true or false", _bool)
 
 
+def _drop_path_side(value: Any) -> str:
+    if value not in ("inside", "outside"):
+        raise ValueError
+    return value
+
+
+#: Where a branch adapter sits relative to the block's DropPath: Adapter(DropPath(y)) is STAR-MMRotate's.
+DROP_PATH_SIDE = Check("'inside' (DropPath(adapter(branch)), the Mona release) or 'outside' (adapter(DropPath(branch)), "
+                       "STAR-MMRotate)", _drop_path_side)
+
+
+def _after_drop_path(module: nn.Module, side: str) -> nn.Module:
+    module.after_drop_path = side == "outside"  # read by the blocks (TunedBlockMixin._branch)
+    return module
+
+
 @dataclass
 class Placement:
     """One adapter module to add: ``host`` (module name) gets it in ``slot``."""
@@ -269,9 +285,10 @@ class AdapterOptions(_SlotOptions):
     bottleneck: int = option(64, POSITIVE_INT)  # hidden width
     dropout: float = option(0.1, DROPOUT)  # before the up-projection
     init: str = option("trunc_normal", INIT)  # linears: "trunc_normal" (std 0.02, Mona release) or "default" (STAR)
+    drop_path: str = option("inside", DROP_PATH_SIDE)  # DropPath(adapter(branch)), or adapter(DropPath(branch)) (STAR)
 
     def build(self, dim: int) -> nn.Module:
-        return Bottleneck(dim, self.bottleneck, self.dropout, init=self.init)
+        return _after_drop_path(Bottleneck(dim, self.bottleneck, self.dropout, init=self.init), self.drop_path)
 
 
 @dataclass
@@ -305,9 +322,11 @@ class LoRandOptions(_SlotOptions):
     rank: int = option(8, POSITIVE_INT)  # size of each branch's kernel (beta)
     branches: int = option(2, POSITIVE_INT)  # low-rank products per projection (alpha)
     shared_kernel: bool = option(True, BOOL)  # one kernel per branch for both projections; False: one each (STAR)
+    drop_path: str = option("inside", DROP_PATH_SIDE)  # DropPath(adapter(branch)), or adapter(DropPath(branch)) (STAR)
 
     def build(self, dim: int) -> nn.Module:
-        return LoRand(dim, self.bottleneck, rank=self.rank, branches=self.branches, shared_kernel=self.shared_kernel)
+        lorand = LoRand(dim, self.bottleneck, rank=self.rank, branches=self.branches, shared_kernel=self.shared_kernel)
+        return _after_drop_path(lorand, self.drop_path)
 
 
 @dataclass

@@ -77,6 +77,13 @@ def _check_resumable(path: Path, model: Any) -> None:
     plain = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples and lists compare equal)
     if saved.get("_class_path") not in (None, model.class_path):
         raise ValueError(f"cannot resume: the run is a {saved['_class_path']}, the config says {model.class_path}")
+    from .module import resolve_options
+
+    for args in (saved, now):  # compare the options the method runs with (a task config may set them per method)
+        if args.get("method_options_by_method"):
+            args["method_options"] = resolve_options(
+                args.get("method"), args.get("method_options"), args["method_options_by_method"]
+            )
     for key in _STRUCTURE:
         if key in saved and key in now and plain(saved[key]) != plain(now[key]):
             raise ValueError(

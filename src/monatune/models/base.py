@@ -13,7 +13,8 @@ Blocks have the slots below, in the order they run; the leaf modules of a block 
 LayerNorms, the patch embedding's convolution) have ``lora`` and ``ssf``::
 
     prompt        VPT tokens that join the block's attention
-    attn_out      on the attention branch, before DropPath     (Houlsby adapter, LoRand)
+    attn_out      on the attention branch, before DropPath     (Houlsby adapter, LoRand; after
+                  DropPath for an adapter built with ``drop_path="outside"``, STAR-MMRotate's)
     after_attn    on the stream after the first residual add   (Mona)
     mlp_parallel  a branch beside the MLP, fed the stream       (AdaptFormer)
     mlp_out       on the MLP branch, before DropPath           (Houlsby adapter, LoRand)
@@ -47,6 +48,14 @@ class TunedBlockMixin:
     def _adapt(self, slot: str, x: Tensor, **kwargs: Any) -> Tensor:
         adapter = self._slot(slot)
         return x if adapter is None else adapter(x, **kwargs)
+
+    def _branch(self, slot: str, y: Tensor, drop_path: nn.Module) -> Tensor:
+        """A residual branch ``y`` through its DropPath and the adapter in ``slot``: ``drop_path(adapter(y))``,
+        or ``adapter(drop_path(y))`` for an adapter whose ``after_drop_path`` is set."""
+        adapter = self._slot(slot)
+        if adapter is None:
+            return drop_path(y)
+        return adapter(drop_path(y)) if getattr(adapter, "after_drop_path", False) else drop_path(adapter(y))
 
 
 def swap_class(module: nn.Module, tuned_cls: type) -> None:

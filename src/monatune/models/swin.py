@@ -81,10 +81,10 @@ class TunedSwinBlock(SwinTransformerBlock, TunedBlockMixin):
         tokens = prompt.enter(x.shape[0], x) if prompt is not None else None  # B, n, C
         attn = self._release_attn if self.release_windows else self._timm_attn
         y, prompt_out = attn(self.norm1(x), None if tokens is None else self.norm1(tokens))
-        x = x + self.drop_path1(self._adapt("attn_out", y))
+        x = x + self._branch("attn_out", y, self.drop_path1)
         x = self._adapt("after_attn", x)
         parallel = self._slot("mlp_parallel")
-        mlp = self.drop_path2(self._adapt("mlp_out", self.mlp(self.norm2(x))))
+        mlp = self._branch("mlp_out", self.mlp(self.norm2(x)), self.drop_path2)
         x = x + mlp if parallel is None else x + mlp + parallel(x)
         x = self._adapt("after_mlp", x)
         if prompt is not None and prompt.carries:  # shallow VPT: the prompts go through the block too

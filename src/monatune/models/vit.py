@@ -83,7 +83,7 @@ class _TokenBlockMixin(TunedBlockMixin):
     def _mlp_half(self, x: Tensor, branch: Tensor) -> Tensor:
         """``x + DropPath(mlp_out(branch)) + mlp_parallel(x)``, then ``after_mlp``."""
         parallel = self._slot("mlp_parallel")
-        y = self.drop_path2(self._adapt("mlp_out", branch))
+        y = self._branch("mlp_out", branch, self.drop_path2)
         x = x + y if parallel is None else x + y + parallel(x)
         return self._adapt_tokens("after_mlp", x)
 
@@ -99,7 +99,7 @@ class TunedViTBlock(Block, _TokenBlockMixin):
             P = self.token_grid.num_prefix_tokens
             x = torch.cat([x[:, :P], prompt.enter(x.shape[0], x), x[:, P:]], dim=1)
         y = self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
-        x = x + self.drop_path1(self._adapt("attn_out", y))
+        x = x + self._branch("attn_out", y, self.drop_path1)
         x = self._adapt_tokens("after_attn", x)
         x = self._mlp_half(x, self.ls2(self.mlp(self.norm2(x))))
         if prompt is not None:
@@ -120,7 +120,7 @@ class TunedEvaBlock(EvaBlock, _TokenBlockMixin):
         is_causal: bool = False,
     ) -> Tensor:
         y = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        x = x + self.drop_path1(self._adapt("attn_out", y if self.gamma_1 is None else self.gamma_1 * y))
+        x = x + self._branch("attn_out", y if self.gamma_1 is None else self.gamma_1 * y, self.drop_path1)
         x = self._adapt_tokens("after_attn", x)
         y = self.mlp(self.norm2(x))
         return self._mlp_half(x, y if self.gamma_2 is None else self.gamma_2 * y)
