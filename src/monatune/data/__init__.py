@@ -19,11 +19,31 @@ from .detection import (
     read_voc,
 )
 from .detection_data import DEFAULT_DETECTION_SPLITS, DetectionData
+from .oriented import (
+    DOTA_CLASSES,
+    STAR_CLASSES,
+    OrientedDataset,
+    collate_oriented,
+    oriented_transforms,
+    read_dota,
+    read_oriented,
+    read_star,
+)
+from .oriented_data import OrientedData
 from .segmentation import ADE20K_CLASSES, SegmentationDataset, read_ade20k, read_masks, segmentation_transforms
 from .segmentation_data import SegmentationData
 from .loading import EpochSampler, ResumableLoader, SeededDataset, ShardSampler
 
 __all__ = [
+    "OrientedData",
+    "OrientedDataset",
+    "read_oriented",
+    "read_dota",
+    "read_star",
+    "oriented_transforms",
+    "collate_oriented",
+    "DOTA_CLASSES",
+    "STAR_CLASSES",
     "SegmentationData",
     "SegmentationDataset",
     "read_ade20k",
