@@ -130,3 +130,33 @@ def test_adapter_choice_and_sync_batchnorm_resolve_and_override():
     config = resolved(*dense)
     assert (config["adapter_choice"], config["trainer"]["sync_batchnorm"]) == ("last", True)
     assert resolved(*dense, "--adapter_choice", "best")["adapter_choice"] == "best"
+
+
+OBB = sorted((ROOT / "configs" / "obb").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("task", OBB, ids=lambda p: p.stem)
+def test_oriented_configs_compose_with_every_method(task):
+    from monatune.engine.module import resolve_options
+
+    star = task.stem.startswith("star")
+    for method in METHODS:
+        config = resolved("-c", str(task), "-c", str(ROOT / "configs" / "methods" / f"{method}.yaml"))
+        init, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
+        assert config["model"]["class_path"] == "monatune.tasks.OrientedDetector" and init["method"] == method
+        options = resolve_options(method, init["method_options"], init["method_options_by_method"])
+        resolve_method(method, options)
+        # STAR-MMRotate's H2RBox-v2+ PEFT recipe (oriented-spec section 1)
+        assert (init["lr"], init["weight_decay"], init["paramwise"]) == ((1e-4 if star else 5e-5), 0.05, {})
+        assert (init["schedule"], init["milestones"], init["warmup_steps"]) == ("step", [8, 11], 500)
+        assert init["warmup_lr_ratio"] == pytest.approx(1 / 3) and init["drop_path_rate"] == 0.2
+        assert (trainer["max_epochs"], trainer["gradient_clip_val"], trainer["check_val_every_n_epoch"]) == (12, 35, 6)
+        assert data["batch_size"] == 2 and data["horizontal_boxes"] is True
+        assert init["square_classes"] == (["tank", "roundabout"] if star else ["baseball-diamond", "storage-tank", "roundabout"])
+        assert init["resize_classes"] == ([] if star else ["baseball-diamond"]) or (star and init["resize_classes"] is None)
+        assert (init["test_size"], data.get("full_images")) == ((None, True) if star else (1024, None))
+        # the fork's per-method variants reach the method's options
+        expected = {"mona": {"init": "default"}, "adaptformer": {"init": "default"},
+                    "adapter": {"init": "default", "drop_path": "outside"},
+                    "lorand": {"branches": 4, "shared_kernel": False, "drop_path": "outside"}}.get(method, {})  # fmt: skip
+        assert expected.items() <= options.items()
