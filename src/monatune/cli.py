@@ -135,6 +135,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_split(args: argparse.Namespace) -> int:
+    from .data.split import PRESETS, split_images
+
+    settings = dict(PRESETS[args.preset])
+    for key in ("sizes", "gaps", "rates"):
+        if getattr(args, key):
+            settings[key] = tuple(getattr(args, key))
+    summary = split_images(
+        args.sources, args.out, **settings, img_rate_thr=args.img_rate_thr, iof_thr=args.iof_thr,
+        workers=args.workers, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"split {summary.images} image(s) into {summary.patches} patches in {args.out} ({summary.objects_kept} "
+          f"objects in patches, {summary.objects_dropped} in none); {summary.already_done} already done")  # fmt: skip
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import WorkerError, run_bench
 
@@ -240,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", metavar="JSON", help='extra timm.create_model arguments, e.g. \'{"depths": [2, 2, 6, 2]}\'')
     p.add_argument("--allow-pickle", action="store_true", help="allow a full unpickle (runs code in the file)")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("split", help="cut DOTA-format images into the release's patches (DOTA devkit / mmrotate img_split)")
+    p.add_argument("sources", nargs="+", help="folders with images/ and labelTxt/ (or annfiles/); images only for a test set")
+    p.add_argument("out", help="output folder (images/, annfiles/); rerun to finish an interrupted split")
+    p.add_argument("--preset", choices=("ss", "ms"), default="ss",
+                   help="ss: 1024 windows, gap 200, rate 1; ms: gap 500, rates 0.5, 1, 1.5 (default: ss)")  # fmt: skip
+    p.add_argument("--sizes", type=int, nargs="+", help="window sizes (default: the preset's)")
+    p.add_argument("--gaps", type=int, nargs="+", help="window overlaps, one per size (default: the preset's)")
+    p.add_argument("--rates", type=float, nargs="+", help="scales (default: the preset's)")
+    p.add_argument("--img-rate-thr", type=float, default=0.6, help="least share of a window inside the image (0.6)")
+    p.add_argument("--iof-thr", type=float, default=0.7, help="least share of an object inside a window (0.7)")
+    p.add_argument("--workers", type=_at_least(1), default=1, help="processes (default: 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_split)
 
     p = sub.add_parser("bench", help="training-step and inference time, peak memory, trainable parameters per method")
     p.add_argument("--backbone", default="swin_base_patch4_window7_224", help="timm model (default: Swin-B)")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.split import sliding_windows
 from ..ops import batched_rotated_nms, rotated_nms
 
 __all__ = ["sliding_windows", "detect_full_image", "merge_patches", "patch_origin", "WINDOW_PAD_RGB"]
@@ -39,35 +40,6 @@ _STD = (58.395, 57.12, 57.375)
 _PAD_NORMALISED = (0.0081917211329, -0.004901960784, 0.0055655449953)
 WINDOW_PAD_RGB = tuple(m + p * s for m, p, s in zip(_MEAN, _PAD_NORMALISED, _STD))
 _PATCH_NAME = re.compile(r"__(\d+)___(\d+)")
-
-
-def sliding_windows(width: int, height: int, size: int = 1024, gap: int = 200, rate_threshold: float = 0.6) -> np.ndarray:
-    """The release's ``get_sliding_window``: ``[K, 4]`` windows ``x1, y1, x2, y2`` (x-major order).
-
-    Starts every ``size - gap`` pixels, the last moved back to end at the border; windows whose
-    in-image area is at most ``rate_threshold`` of theirs are dropped, unless none passes, then
-    the best ones are kept.
-    """
-    if not 0 < gap < size:
-        raise ValueError(f"the window gap must be in (0, size={size}), got {gap}")
-    step = size - gap
-
-    def starts(length: int) -> list[int]:
-        n = 1 if length <= size else math.ceil((length - size) / step + 1)
-        s = [step * i for i in range(n)]
-        if len(s) > 1 and s[-1] + size > length:
-            s[-1] = length - size
-        return s
-
-    start = np.array([(x, y) for x in starts(width) for y in starts(height)], dtype=np.int64)
-    windows = np.concatenate([start, start + size], axis=1)
-    inside = windows.copy()
-    inside[:, 0::2] = np.clip(inside[:, 0::2], 0, width)
-    inside[:, 1::2] = np.clip(inside[:, 1::2], 0, height)
-    rates = (inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1]) / float(size * size)
-    if not (rates > rate_threshold).any():
-        rates[np.abs(rates - rates.max()) < 0.01] = 1
-    return windows[rates > rate_threshold]
 
 
 def _window_pixels(image: Any, window: Sequence[int], padded: tuple[int, int]) -> Tensor:
