@@ -36,7 +36,7 @@ def test_switching_changes_the_output_and_switching_back_restores_it_exactly():
         _perturb(model)  # trains this adapter, its head, and (bitfit) the biases in place
         outputs[name] = model(X)
     assert monatune.list_adapters(model) == {
-        "mona": {"method": "mona", "options": {"bottleneck": 64, "kernel_sizes": (3, 5, 7), "dropout": 0.1}, "active": False, "merged": False},
+        "mona": {"method": "mona", "options": {"bottleneck": 64, "kernel_sizes": (3, 5, 7), "dropout": 0.1, "init": "trunc_normal"}, "active": False, "merged": False},
         "lora": {"method": "lora", "options": {"rank": 4, "alpha": 1.0, "dropout": 0.0, "modules": ("q", "v")}, "active": False, "merged": False},
         "bias": {"method": "bitfit", "options": {}, "active": True, "merged": False},
     }

@@ -46,7 +46,7 @@ def test_params_accepts_the_list_spellings_people_use(capsys):
     ("bottleneck=abc", "mona option `bottleneck` must be a positive int, got 'abc'"),
     ("dropout=1", "mona option `dropout` must be a number in [0, 1), got 1"),
     ("kernel_sizes=[3,5", "-o kernel_sizes: '[3,5' is not a value JSON or YAML can read (expected ',' or ']'"),
-    ("name=x", "unknown option(s) ['name'] for method 'mona'; its options are ['bottleneck', 'kernel_sizes', 'dropout']"),
+    ("name=x", "unknown option(s) ['name'] for method 'mona'; its options are ['bottleneck', 'kernel_sizes', 'dropout', 'init']"),
     ("out_indices=[1]", "unknown option(s) ['out_indices'] for method 'mona'"),
 ])  # fmt: skip
 def test_params_bad_option_is_one_line_naming_it(capsys, option, expected):
