@@ -136,18 +136,30 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
+    from .data.oriented import DOTA_CLASSES, STAR_CLASSES
     from .data.split import PRESETS, split_images
 
     settings = dict(PRESETS[args.preset])
     for key in ("sizes", "gaps", "rates"):
         if getattr(args, key):
             settings[key] = tuple(getattr(args, key))
-    summary = split_images(
+    classes = None
+    if args.classes:
+        named = {"dota": DOTA_CLASSES, "star": STAR_CLASSES}
+        classes = named.get(args.classes.lower()) or [c.strip() for c in args.classes.split(",") if c.strip()]
+    s = split_images(
         args.sources, args.out, **settings, img_rate_thr=args.img_rate_thr, iof_thr=args.iof_thr,
-        workers=args.workers, progress=not args.quiet,
+        padding_value=args.padding_value, save_ext=args.save_ext, workers=args.workers, progress=not args.quiet,
+        classes=classes,
     )  # fmt: skip
-    print(f"split {summary.images} image(s) into {summary.patches} patches in {args.out} ({summary.objects_kept} "
-          f"objects in patches, {summary.objects_dropped} in none); {summary.already_done} already done")  # fmt: skip
+    print(f"split {s.images} image(s) into {s.patches} patches in {args.out} ({s.objects_kept} objects in patches, "
+          f"{s.objects_dropped} in none); {s.already_done} already done")  # fmt: skip
+    notes = [(s.objects_other_class, "objects of other classes left out"),
+             (s.bad_lines, "malformed annotation lines skipped"),
+             (s.images_without_labels, "images without a label file (no objects)")]  # fmt: skip
+    for count, what in notes:
+        if count:
+            print(f"  {count} {what}")
     return 0
 
 
@@ -262,11 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (images/, annfiles/); rerun to finish an interrupted split")
     p.add_argument("--preset", choices=("ss", "ms"), default="ss",
                    help="ss: 1024 windows, gap 200, rate 1; ms: gap 500, rates 0.5, 1, 1.5 (default: ss)")  # fmt: skip
-    p.add_argument("--sizes", type=int, nargs="+", help="window sizes (default: the preset's)")
-    p.add_argument("--gaps", type=int, nargs="+", help="window overlaps, one per size (default: the preset's)")
-    p.add_argument("--rates", type=float, nargs="+", help="scales (default: the preset's)")
+    p.add_argument("--sizes", "--size", type=int, nargs="+", help="window sizes (default: the preset's)")
+    p.add_argument("--gaps", "--gap", type=int, nargs="+", help="window overlaps, one per size (default: the preset's)")
+    p.add_argument("--rates", "--rate", type=float, nargs="+", help="window scales: size / rate (default: the preset's)")
     p.add_argument("--img-rate-thr", type=float, default=0.6, help="least share of a window inside the image (0.6)")
     p.add_argument("--iof-thr", type=float, default=0.7, help="least share of an object inside a window (0.7)")
+    p.add_argument("--padding-value", type=int, nargs=3, default=(124, 116, 104), metavar=("R", "G", "B"),
+                   help="colour of windows past a small image (default: 124 116 104, mmrotate's BGR 104 116 124)")  # fmt: skip
+    p.add_argument("--save-ext", choices=(".png", ".jpg", ".bmp", ".tif"), default=".png", help="patch format (.png)")
+    p.add_argument("--classes", help="keep only these classes: dota, star or a comma-separated list (default: all)")
     p.add_argument("--workers", type=_at_least(1), default=1, help="processes (default: 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_split)
