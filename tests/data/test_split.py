@@ -1,4 +1,6 @@
 """``monatune split``: the DOTA devkit's image split as mmrotate's img_split.py (monatune.data.split)."""
+import itertools
+import math
 import multiprocessing
 import os
 import signal
@@ -94,6 +96,60 @@ def test_objects_iof_difficult_moved_not_clipped_and_names(tmp_path):
     with pytest.warns(UserWarning):
         summary = split_images([src / "images"], tmp_path / "dota", progress=False, classes=DOTA_CLASSES)
     assert (summary.objects_kept, summary.objects_dropped, summary.objects_other_class) == (8, 0, 1)
+
+
+def devkit_annfiles(width, height, boxes, names, difficult, size, gap, iof_thr=0.7):
+    """mmrotate img_split.py's get_sliding_window, get_window_obj and annfile lines, transliterated; its
+    shapely IoF is exact here because the objects are axis-aligned boxes (overlap area / float32 area)."""
+    step = size - gap
+    x_num = 1 if width <= size else math.ceil((width - size) / step + 1)
+    x_start = [step * i for i in range(x_num)]
+    if len(x_start) > 1 and x_start[-1] + size > width:
+        x_start[-1] = width - size
+    y_num = 1 if height <= size else math.ceil((height - size) / step + 1)
+    y_start = [step * i for i in range(y_num)]
+    if len(y_start) > 1 and y_start[-1] + size > height:
+        y_start[-1] = height - size
+    start = np.array(list(itertools.product(x_start, y_start)), dtype=np.int64)
+    windows = np.concatenate([start, start + size], axis=1)
+    inside = windows.copy()
+    inside[:, 0::2] = np.clip(inside[:, 0::2], 0, width)
+    inside[:, 1::2] = np.clip(inside[:, 1::2], 0, height)
+    rates = (inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1]) / size**2
+    if not (rates > 0.6).any():
+        rates[abs(rates - rates.max()) < 0.01] = 1
+    windows = windows[rates > 0.6]
+    polys = np.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 0],
+                      boxes[:, 3]], -1).astype(np.float32)  # fmt: skip
+    lt = np.maximum(boxes[:, None, :2], windows[None, :, :2])
+    rb = np.minimum(boxes[:, None, 2:], windows[None, :, 2:])
+    wh = np.clip(rb - lt, 0, np.inf)
+    areas = np.array((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), dtype=np.float32)
+    iofs = wh[..., 0] * wh[..., 1] / np.clip(areas, 1e-6, np.inf)[:, None]
+    files = {}
+    for i, (x1, y1, x2, _) in enumerate(windows.tolist()):
+        pos = np.nonzero(iofs[:, i] >= iof_thr)[0]
+        moved = polys[pos] + np.array([-x1, -y1] * 4, dtype=np.float32)
+        lines = [" ".join(map(str, moved[j])) + " " + names[k] + " " + (str(difficult[k]) if iofs[k, i] >= 1 else "2")
+                 for j, k in enumerate(pos)]  # fmt: skip
+        files[f"P0001__{x2 - x1}__{x1}___{y1}.txt"] = "".join(line + "\n" for line in lines)
+    return files
+
+
+def test_annfiles_equal_a_transliteration_of_mmrotate(tmp_path):
+    rng = np.random.default_rng(3)
+    width, height, n = 730, 530, 300
+    corner = rng.integers(-60, 760, (n, 2)) + rng.choice([0, 0.5, 0.25], (n, 2))
+    boxes = np.concatenate([corner, corner + rng.integers(1, 150, (n, 2)) + rng.choice([0, 0.5], (n, 2))], 1)
+    names, difficult = rng.choice(["plane", "ship", "small-vehicle"], n).tolist(), rng.integers(0, 2, n).tolist()
+    lines = [f"{x1} {y1} {x2} {y1} {x2} {y2} {x1} {y2} {name} {d}"
+             for (x1, y1, x2, y2), name, d in zip(boxes.tolist(), names, difficult)]  # fmt: skip
+    src = write_source(tmp_path / "src", size=(width, height), lines=lines)
+    summary = split_images([src], tmp_path / "out", sizes=(256,), gaps=(56,), progress=False)
+    got = {p.name: p.read_text() for p in (tmp_path / "out" / "annfiles").iterdir()}
+    expected = devkit_annfiles(width, height, boxes, names, difficult, 256, 56)
+    assert got == expected and summary.patches == len(expected) == 4 * 3
+    assert sum(text.count(" 2\n") for text in got.values()) > 50 and summary.objects_kept > 150  # cut, kept
 
 
 def test_test_set_without_labels_and_multiscale(tmp_path):
