@@ -28,10 +28,10 @@ from torchmetrics import Metric
 from ..atomic import write_file
 from ..ops import le90_to_polygons, polygon_iou, rotated_box_iou
 from .voc import (
-    AP_METHODS,
     _ap_11point,
     _ap_area,
     _cat_state,
+    _check_settings,
     _class_then_score_order,
     _greedy_match,
 )
@@ -90,12 +90,7 @@ class RotatedMeanAveragePrecision(Metric):
         self, num_classes: int, *, iou_threshold: float = 0.5, ap_method: str = "11point", **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"`num_classes` must be a positive int, got {num_classes!r}")
-        if not 0.0 < iou_threshold <= 1.0:
-            raise ValueError(f"`iou_threshold` must be in (0, 1], got {iou_threshold!r}")
-        if ap_method not in AP_METHODS:
-            raise ValueError(f"`ap_method` must be one of {AP_METHODS}, got {ap_method!r}")
+        _check_settings(num_classes, iou_threshold, ap_method)
         self.num_classes = num_classes
         self.iou_threshold = float(iou_threshold)
         self.ap_method = ap_method
