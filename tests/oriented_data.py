@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 COLOURS = [(230, 60, 40), (40, 200, 80), (50, 90, 230), (230, 210, 40), (200, 60, 220)]
@@ -48,3 +49,19 @@ def write_oriented_folder(root, n_images, size=(96, 96), classes=("plane", "ship
         if layout:
             (root / layout / f"{stem}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def bar_scene(g, size=64, *, w=0.45, h=0.12):
+    """A ``[3, size, size]`` float image (noise in 0..0.3) with one bar (w:h of the side, about 4:1) at a random
+    angle near the centre, and its le90 box ``[[cx, cy, w, h, theta]]``; ``g`` is a torch.Generator."""
+    image = torch.rand(3, size, size, generator=g) * 0.3
+    cx, cy = (size / 2 + (torch.rand(2, generator=g) - 0.5) * size * 0.2).tolist()
+    theta = (torch.rand(1, generator=g).item() - 0.5) * math.pi  # le90: [-pi/2, pi/2)
+    w, h = size * w, size * h
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    u = (xs - cx) * math.cos(theta) + (ys - cy) * math.sin(theta)
+    v = -(xs - cx) * math.sin(theta) + (ys - cy) * math.cos(theta)
+    inside = (u.abs() < w / 2) & (v.abs() < h / 2)
+    for c, value in enumerate((0.9, 0.6, 0.2)):
+        image[c][inside] = value
+    return image, torch.tensor([[cx, cy, w, h, theta]])

@@ -133,19 +133,68 @@ def test_adapter_choice_and_sync_batchnorm_resolve_and_override():
 
 
 OBB = sorted((ROOT / "configs" / "obb").glob("*.yaml"))
+FORK_METHOD_OPTIONS = {"mona": {"init": "default"}, "adaptformer": {"init": "default"},
+                       "adapter": {"init": "default", "drop_path": "outside"},
+                       "lorand": {"branches": 4, "shared_kernel": False, "drop_path": "outside"}}  # fmt: skip
 
 
-@pytest.mark.parametrize("task", OBB, ids=lambda p: p.stem)
-def test_oriented_configs_compose_with_every_method(task):
+def test_oriented_config_files():
+    names = [p.stem for p in OBB]
+    assert names == [f"{d}_{k}_swin_b" for d in ("dota", "star") for k in ("h2rbox", "oriented_rcnn", "rotated_retinanet")]
+    assert sorted(p.stem for p in (ROOT / "configs" / "obb" / "variants").glob("*.yaml")) == ["retinanet_hbb", "retinanet_kld"]
+
+
+def oriented_config(task, method, *extra):
     from monatune.engine.module import resolve_options
 
+    config = resolved("-c", str(task), *extra, "-c", str(ROOT / "configs" / "methods" / f"{method}.yaml"))
+    init = config["model"]["init_args"]
+    assert config["model"]["class_path"] == "monatune.tasks.OrientedDetector" and init["method"] == method
+    options = resolve_options(method, init["method_options"], init["method_options_by_method"])
+    resolve_method(method, options)
+    # the fork's per-method variants reach the method's options
+    assert FORK_METHOD_OPTIONS.get(method, {}).items() <= options.items()
+    return config
+
+
+@pytest.mark.parametrize("task", [p for p in OBB if "h2rbox" not in p.stem], ids=lambda p: p.stem)
+def test_supervised_oriented_configs_compose_with_every_method(task):
+    star, rcnn = task.stem.startswith("star"), "oriented_rcnn" in task.stem
+    for method in METHODS:
+        config = oriented_config(task, method)
+        init, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
+        # STAR-MMRotate's Oriented R-CNN / rotated RetinaNet Swin-B recipes (oriented-spec section 5)
+        assert init["detector"] == ("oriented_rcnn" if rcnn else "rotated_retinanet")
+        assert (init["lr"], init["weight_decay"], init["schedule"], init["milestones"]) == (1e-4, 0.05, "step", [8, 11])
+        assert init["paramwise"] == {"custom_keys": {"absolute_pos_embed": 0.0, "relative_position_bias_table": 0.0, "norm": 0.0}}
+        assert init["warmup_steps"] == 500 and init["warmup_lr_ratio"] == pytest.approx(1 / 3) and init["drop_path_rate"] == 0.2
+        assert (trainer["max_epochs"], trainer["gradient_clip_val"], trainer["check_val_every_n_epoch"]) == (12, 35, 6)
+        assert (data["batch_size"], data["horizontal_boxes"], data["flip"]) == (2, False, "three-way")
+        assert (init["score_threshold"], init["nms_iou"], init["max_per_image"]) == (0.05, 0.1, 2000)
+        assert (init["box_loss"], init["assign_by_circumhbbox"]) == ("l1", False)
+        assert (init["test_size"], data.get("full_images")) == ((None, True) if star else (1024, None))
+        if star:  # the fork's full-image test: windows of 1024, gap 200; star.py pads to 32
+            assert (init["window_size"], init["window_gap"], init["full_image_divisor"], init["window_merge_iou"]) == (1024, 200, 32, 0.4)
+            assert (init["window_batch"], init["window_merge_per_class"]) == ((2, True) if rcnn else (4, False))
+
+
+@pytest.mark.parametrize("variant, assign, loss, flip", [("retinanet_hbb", True, "l1", "horizontal"),
+                                                         ("retinanet_kld", True, "kld", "three-way")])  # fmt: skip
+def test_retinanet_variants_compose(variant, assign, loss, flip):
+    for star in (True, False):
+        task = ROOT / "configs" / "obb" / f"{'star' if star else 'dota'}_rotated_retinanet_swin_b.yaml"
+        for method in ("mona", "lora"):
+            config = oriented_config(task, method, "-c", str(ROOT / "configs" / "obb" / "variants" / f"{variant}.yaml"))
+            init, data = config["model"]["init_args"], config["data"]["init_args"]
+            assert (init["assign_by_circumhbbox"], init["box_loss"], data["flip"]) == (assign, loss, flip)
+
+
+@pytest.mark.parametrize("task", [p for p in OBB if "h2rbox" in p.stem], ids=lambda p: p.stem)
+def test_h2rbox_configs_compose_with_every_method(task):
     star = task.stem.startswith("star")
     for method in METHODS:
-        config = resolved("-c", str(task), "-c", str(ROOT / "configs" / "methods" / f"{method}.yaml"))
+        config = oriented_config(task, method)
         init, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
-        assert config["model"]["class_path"] == "monatune.tasks.OrientedDetector" and init["method"] == method
-        options = resolve_options(method, init["method_options"], init["method_options_by_method"])
-        resolve_method(method, options)
         # STAR-MMRotate's H2RBox-v2+ PEFT recipe (oriented-spec section 1)
         assert (init["lr"], init["weight_decay"], init["paramwise"]) == ((1e-4 if star else 5e-5), 0.05, {})
         assert (init["schedule"], init["milestones"], init["warmup_steps"]) == ("step", [8, 11], 500)
@@ -155,8 +204,3 @@ def test_oriented_configs_compose_with_every_method(task):
         assert init["square_classes"] == (["tank", "roundabout"] if star else ["baseball-diamond", "storage-tank", "roundabout"])
         assert init["resize_classes"] == ([] if star else ["baseball-diamond"]) or (star and init["resize_classes"] is None)
         assert (init["test_size"], data.get("full_images")) == ((None, True) if star else (1024, None))
-        # the fork's per-method variants reach the method's options
-        expected = {"mona": {"init": "default"}, "adaptformer": {"init": "default"},
-                    "adapter": {"init": "default", "drop_path": "outside"},
-                    "lorand": {"branches": 4, "shared_kernel": False, "drop_path": "outside"}}.get(method, {})  # fmt: skip
-        assert expected.items() <= options.items()

@@ -7,7 +7,7 @@ from oriented_data import corners, write_oriented_folder
 from torchvision import tv_tensors
 
 from monatune.data import BadAnnotationError, OrientedData, read_dota, read_star
-from monatune.data.oriented import RResize, RRandomFlip, collate_oriented, read_devkit_labels
+from monatune.data.oriented import RResize, RRandomFlip, collate_oriented, oriented_transforms, read_devkit_labels
 from monatune.ops import cxcywhr_to_le90, le90_to_cxcywhr, norm_le90
 
 
@@ -149,5 +149,20 @@ def test_bad_settings(tmp_path):
         OrientedData(str(tmp_path / "d"), format="hrsc")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         OrientedData(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="`flip` must be"):
+        OrientedData(str(tmp_path / "d"), flip="diagonal")
     with pytest.raises(FileNotFoundError, match="no images/"):
         OrientedData(str(tmp_path / "d"), splits=["trainval", "val", "val"])
+
+
+@pytest.mark.parametrize("flip, expected", [(True, [0.25] * 3), ("three-way", [0.25] * 3), ("horizontal", [0.5, 0, 0]),
+                                            (False, None), ("none", None)])  # fmt: skip
+def test_flip_settings(flip, expected):
+    flips = [t for t in oriented_transforms(True, flip=flip).transforms if isinstance(t, RRandomFlip)]
+    assert (flips[0].p if flips else None) == expected
+    if expected is not None:  # the drawn direction follows the probabilities: "horizontal" never flips vertically
+        torch.manual_seed(0)
+        drawn = [flips[0].make_params([torch.zeros(3, 4, 4)])["direction"] for _ in range(400)]
+        share = {d: drawn.count(d) / 400 for d in ("horizontal", "vertical", "diagonal", None)}
+        for d, p in zip(("horizontal", "vertical", "diagonal"), expected):
+            assert abs(share[d] - p) < 0.08

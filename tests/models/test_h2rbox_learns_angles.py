@@ -8,25 +8,10 @@ two cores.
 import math
 
 import torch
+from oriented_data import bar_scene
 
 from monatune.models.oriented import build_h2rbox
 from monatune.ops import cxcywhr_to_le90, le90_to_cxcywhr, le90_to_hbb
-
-SIZE = 64
-
-
-def scene(g):
-    image = torch.rand(3, SIZE, SIZE, generator=g) * 0.3
-    cx, cy = (SIZE / 2 + (torch.rand(2, generator=g) - 0.5) * SIZE * 0.2).tolist()
-    theta = (torch.rand(1, generator=g).item() - 0.5) * math.pi  # le90: [-pi/2, pi/2)
-    w, h = SIZE * 0.45, SIZE * 0.12
-    ys, xs = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
-    u = (xs - cx) * math.cos(theta) + (ys - cy) * math.sin(theta)
-    v = -(xs - cx) * math.sin(theta) + (ys - cy) * math.cos(theta)
-    inside = (u.abs() < w / 2) & (v.abs() < h / 2)
-    for c, value in enumerate((0.9, 0.6, 0.2)):
-        image[c][inside] = value
-    return image, torch.tensor([[cx, cy, w, h, theta]])
 
 
 def angle_error(a: float, b: float) -> float:
@@ -37,7 +22,7 @@ def angle_error(a: float, b: float) -> float:
 def test_h2rbox_learns_angles_from_horizontal_boxes():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    train, held_out = [scene(g) for _ in range(64)], [scene(g) for _ in range(32)]
+    train, held_out = [bar_scene(g) for _ in range(64)], [bar_scene(g) for _ in range(32)]
     model = build_h2rbox("swin_tiny_patch4_window7_224", num_classes=1, method="full", fpn_channels=64,
                          score_threshold=0.0, model_kwargs=dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)))  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]

@@ -120,3 +120,29 @@ def test_window_padding_beyond_the_padded_image():
     assert win[:, 70, 70].tolist() == pytest.approx([v / 255 for v in WINDOW_PAD_RGB])
     assert win[:, 50, 60].tolist() == pytest.approx([123.675 / 255, 116.28 / 255, 103.53 / 255])
     assert win[:, 10, 10].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_two_stage_merge_is_per_class_over_all_windows():
+    # Oriented R-CNN's merge_results_two_stage: no merge inside a window, one per-class NMS over all windows
+    array = np.zeros((150, 230, 3), np.uint8)
+    wins = sliding_windows(256, 192, size=128, gap=32, rate_threshold=0.6)
+    order = sorted(range(len(wins)), key=lambda k: (wins[k][1], wins[k][0]))
+    calls = []
+
+    def detect(windows):
+        out = []
+        for _ in windows:
+            x0, y0 = (int(v) for v in wins[order[len(calls)]][:2])
+            calls.append((x0, y0))
+            # each window: the same object twice, as class 1 and class 2, and a near copy of class 1
+            out.append(det([[120.0 - x0, 90.0 - y0, 60.0, 20.0, 0.2], [120.0 - x0, 90.0 - y0, 60.0, 20.0, 0.2],
+                            [121.0 - x0, 90.0 - y0, 60.0, 20.0, 0.2]], [0.9, 0.6, 0.3], [1, 2, 1]))  # fmt: skip
+        return out
+
+    per_class = detect_full_image(detect, FakeImage(array), size=128, gap=32, batch=2, merge_iou=0.4, pad_divisor=64,
+                                  per_class=True)  # fmt: skip
+    assert sorted(per_class["labels"].tolist()) == [1, 2]  # one survivor per class over all windows
+    assert per_class["boxes"][:, :2].flatten().tolist() == pytest.approx([120.0, 90.0] * 2)
+    calls.clear()
+    agnostic = detect_full_image(detect, FakeImage(array), size=128, gap=32, batch=2, merge_iou=0.4, pad_divisor=64)
+    assert agnostic["labels"].tolist() == [1]  # the single-stage merge keeps one box whatever its class

@@ -41,7 +41,8 @@ from .large_images import unlimited_pixels
 
 __all__ = [
     "DOTA_CLASSES", "STAR_CLASSES", "OrientedDataset", "read_oriented", "read_dota", "read_star", "read_labels",
-    "read_devkit_labels", "RResize", "RRandomFlip", "oriented_transforms", "collate_oriented",
+    "read_devkit_labels", "RResize", "RRandomFlip", "oriented_transforms", "flip_probabilities",
+    "collate_oriented",
 ]  # fmt: skip
 
 DOTA_CLASSES = (
@@ -391,11 +392,30 @@ class RRandomFlip(v2.Transform):
         return inpt
 
 
-def oriented_transforms(train: bool, *, size: int = 1024, flip: bool = True) -> Callable:
-    """The release's oriented-detection pipeline: training ``RResize(size)`` then the three-way flip;
-    evaluation keeps the image (the detector resizes, if asked, and maps its boxes back). Images become
-    float32 in [0, 1]."""
-    steps: list[Any] = [RResize(size)] + ([RRandomFlip()] if flip else []) if train else []
+FLIPS = {
+    "three-way": (0.25, 0.25, 0.25),  # RRandomFlip(flip_ratio=[0.25] * 3, direction=[horizontal, vertical, diagonal])
+    "horizontal": (0.5, 0.0, 0.0),  # RRandomFlip(flip_ratio=0.5): the data-set bases' default
+}
+
+
+def flip_probabilities(flip: bool | str) -> tuple[float, float, float] | None:
+    """The (horizontal, vertical, diagonal) probabilities of a ``flip`` setting: ``True`` or
+    ``"three-way"``, ``"horizontal"``, or ``False`` / ``"none"`` (no flip: None)."""
+    if flip is False or flip == "none":
+        return None
+    if flip is True:
+        return FLIPS["three-way"]
+    if flip not in FLIPS:
+        raise ValueError(f"`flip` must be true, false, 'none' or one of {tuple(FLIPS)}, got {flip!r}")
+    return FLIPS[flip]
+
+
+def oriented_transforms(train: bool, *, size: int = 1024, flip: bool | str = True) -> Callable:
+    """The release's oriented-detection pipeline: training ``RResize(size)`` then the random flip
+    (:func:`flip_probabilities`; default three-way); evaluation keeps the image (the detector resizes,
+    if asked, and maps its boxes back). Images become float32 in [0, 1]."""
+    p = flip_probabilities(flip)
+    steps: list[Any] = [RResize(size)] + ([RRandomFlip(p)] if p is not None else []) if train else []
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
 
 

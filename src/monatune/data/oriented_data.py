@@ -14,6 +14,7 @@ from .oriented import (
     STAR_CLASSES,
     OrientedDataset,
     collate_oriented,
+    flip_probabilities,
     oriented_transforms,
     read_oriented,
 )
@@ -40,8 +41,9 @@ class OrientedData(ShardedDataModule):
       scenes that the task reads in sliding windows (``full_images``).
 
     Training images get the release's pipeline (:func:`~monatune.data.oriented.oriented_transforms`:
-    long side to ``size``, a horizontal, vertical or diagonal flip with p 0.25 each); with
-    ``horizontal_boxes`` (H2RBox) their boxes are the circumscribed horizontal boxes of the rotated ones.
+    long side to ``size``, a horizontal, vertical or diagonal flip with p 0.25 each, or a horizontal
+    flip with p 0.5); with ``horizontal_boxes`` (H2RBox) their boxes are the circumscribed horizontal
+    boxes of the rotated ones; without it the detectors train on the rotated boxes.
 
     Args:
         root: The data set's folder.
@@ -52,7 +54,9 @@ class OrientedData(ShardedDataModule):
         full_images: Evaluation images are whole scenes, read by the task in sliding windows (default:
             STAR yes, DOTA no).
         size: The training resize's long side.
-        flip: The three-way random flip in training.
+        flip: The random flip in training: ``three-way`` (or true: horizontal, vertical, diagonal,
+            p 0.25 each, as the release's STAR configs), ``horizontal`` (p 0.5, as its data-set bases
+            and the horizontal-anchor RetinaNet), or ``none`` (or false).
         filter_empty_gt: Train only on images with at least one object (mmrotate's default);
             ``train_filtered`` counts those left out.
         batch_size: Images per step and process.
@@ -73,7 +77,7 @@ class OrientedData(ShardedDataModule):
         horizontal_boxes: bool = True,
         full_images: bool | None = None,
         size: int = 1024,
-        flip: bool = True,
+        flip: bool | str = True,
         filter_empty_gt: bool = True,
         batch_size: int = 2,
         num_workers: int = 2,
@@ -88,6 +92,7 @@ class OrientedData(ShardedDataModule):
         if batch_size < 1 or size < 32:
             raise ValueError(f"`batch_size` must be at least 1 and `size` at least 32, got {batch_size} and {size}")
         _check_on_bad_image(on_bad_image)
+        flip_probabilities(flip)  # an unknown setting stops here, before any file is read
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder '{root}' does not exist; set `data.root` to your data set's folder")

@@ -1,16 +1,19 @@
-"""Oriented (rotated-box) object detection: H2RBox-v2+ on a tuned backbone, rotated mAP, DOTA submissions.
+"""Oriented (rotated-box) object detection on a tuned backbone: rotated mAP, DOTA submissions.
 
-The paper's DOTA-v1.0 and STAR experiments (spec ``oriented-spec.md``): the detector learns rotated
-boxes from horizontal-box labels (:mod:`monatune.models.oriented`), the data module gives it the
-release's pipeline (:class:`~monatune.data.OrientedData`), and evaluation follows the release:
+The paper's DOTA-v1.0 and STAR experiments (spec ``oriented-spec.md``) with the detectors of the
+authors' STAR-MMRotate code (:mod:`monatune.models.oriented`): H2RBox-v2+, which learns rotated boxes
+from horizontal-box labels, and the fully supervised Oriented R-CNN and rotated RetinaNet (with the
+KLD loss as an option). The data module gives them the release's pipeline
+(:class:`~monatune.data.OrientedData`), and evaluation follows the release:
 
 - split patches (DOTA): each patch is scored on its own by rotated mAP@0.5 (``val/rmap50``), as
   mmrotate evaluates the ``trainval`` patches; ``test`` also merges the patches of each image
   (per-class rotated NMS 0.1) and writes the evaluation server's Task1 files, and with
   ``devkit_labels`` scores the merged detections against the original ``labelTxt`` files the
   way the DOTA devkit does (``test/devkit_map50``);
-- full images (STAR): sliding 1024 windows, class-agnostic merge at 0.4
-  (:func:`~monatune.tasks.oriented_windows.detect_full_image`), scored by rotated mAP@0.5.
+- full images (STAR): sliding 1024 windows, merged at 0.4 (class-agnostic for the single-stage
+  detectors, per class for Oriented R-CNN; :func:`~monatune.tasks.oriented_windows.detect_full_image`),
+  scored by rotated mAP@0.5.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from .oriented_windows import detect_full_image, merge_patches
 
 __all__ = ["OrientedDetector", "draw_oriented"]
 
-DETECTORS = ("h2rbox_v2p",)
+DETECTORS = ("h2rbox_v2p", "rotated_retinanet", "oriented_rcnn")
+BOX_LOSSES = ("l1", "kld")
 
 
 def _le90_target(target: dict[str, Any]) -> dict[str, Tensor]:
@@ -36,20 +40,27 @@ def _le90_target(target: dict[str, Any]) -> dict[str, Tensor]:
 
 
 class OrientedDetector(TunedModule):
-    """A rotated-box detector (``h2rbox_v2p``) on a tuned backbone.
+    """A rotated-box detector (``h2rbox_v2p``, ``rotated_retinanet``, ``oriented_rcnn``) on a tuned backbone.
 
     The FPN and head train fully; the backbone (``model.backbone.body``) follows the method.
     Boxes inside are mmrotate's le90 ``(cx, cy, w, h, theta)`` (radians, clockwise on screen);
     ``predict`` writes torchvision's ``CXCYWHR`` (degrees, counter-clockwise) and the 4 corners.
 
     Args:
-        detector: Which detector (``h2rbox_v2p``: H2RBox-v2+, trained from horizontal boxes).
+        detector: Which detector: ``h2rbox_v2p`` (H2RBox-v2+, trained from horizontal boxes: give the
+            data ``horizontal_boxes: true``), ``rotated_retinanet`` (anchors with angle 0, 'oc' boxes
+            inside) or ``oriented_rcnn`` (oriented RPN + rotated RoI head), both trained on rotated boxes.
         num_classes: Object classes; taken from the data when left out.
-        square_classes: Class names whose boxes the detector treats as squares (angle 0; the
-            release: DOTA baseball-diamond, storage-tank, roundabout; STAR tank, roundabout).
-        resize_classes: Class names whose predicted w and h shrink by 0.85 (DOTA baseball-diamond).
-        prob_rot: Chance of the rotated self-supervised view (else the flipped one).
-        view_range: The rotated view's angle range, as fractions of pi.
+        square_classes: (H2RBox-v2+) Class names whose boxes the detector treats as squares (angle 0;
+            the release: DOTA baseball-diamond, storage-tank, roundabout; STAR tank, roundabout).
+        resize_classes: (H2RBox-v2+) Class names whose predicted w and h shrink by 0.85 (DOTA
+            baseball-diamond).
+        prob_rot: (H2RBox-v2+) Chance of the rotated self-supervised view (else the flipped one).
+        view_range: (H2RBox-v2+) The rotated view's angle range, as fractions of pi.
+        box_loss: (rotated RetinaNet) ``l1`` on the deltas, or ``kld`` (the Gaussian Kullback-Leibler
+            loss between decoded and ground-truth boxes, the release's ``GDLoss_v1``).
+        assign_by_circumhbbox: (rotated RetinaNet) Assign anchors by IoU with the ground truth's
+            circumscribed horizontal box (the release's ``hbb`` and KLD configs) instead of the rotated box.
         fpn_channels: Width of the FPN and the head.
         score_threshold: Candidates score above this before NMS.
         nms_pre: Candidates kept per level before NMS.
@@ -62,7 +73,9 @@ class OrientedDetector(TunedModule):
         window_gap: Their overlap.
         window_rate_threshold: Windows with no more than this share inside the image are dropped.
         window_batch: Windows per forward pass.
-        window_merge_iou: IoU of the class-agnostic merge of window detections (0.4).
+        window_merge_iou: IoU of the merge of window detections (0.4).
+        window_merge_per_class: Merge window detections by per-class NMS (the release's two-stage
+            detectors) instead of class-agnostic (single-stage); default: per class for ``oriented_rcnn``.
         patch_merge_iou: IoU of the per-class merge of split patches into their image (0.1).
         ap_method: ``11point`` (VOC07, as mmrotate) or ``area``.
         submission: ``test`` writes the DOTA server's Task1 files of the merged patches (default:
@@ -83,6 +96,8 @@ class OrientedDetector(TunedModule):
         resize_classes: list[str] | None = None,
         prob_rot: float = 0.95,
         view_range: tuple[float, float] = (0.25, 0.75),
+        box_loss: str = "l1",
+        assign_by_circumhbbox: bool = False,
         fpn_channels: int = 256,
         score_threshold: float = 0.05,
         nms_pre: int = 2000,
@@ -96,6 +111,7 @@ class OrientedDetector(TunedModule):
         window_rate_threshold: float = 0.6,
         window_batch: int = 4,
         window_merge_iou: float = 0.4,
+        window_merge_per_class: bool | None = None,
         patch_merge_iou: float = 0.1,
         ap_method: str = "11point",
         submission: bool | None = None,
@@ -105,6 +121,12 @@ class OrientedDetector(TunedModule):
     ) -> None:
         if detector not in DETECTORS:
             raise ValueError(f"unknown oriented detector {detector!r}; choose from {DETECTORS}")
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"unknown box_loss {box_loss!r}; choose from {BOX_LOSSES}")
+        if detector != "rotated_retinanet" and (box_loss != "l1" or assign_by_circumhbbox):
+            raise ValueError(f"box_loss and assign_by_circumhbbox are options of rotated_retinanet, not {detector}")
+        if detector != "h2rbox_v2p" and (square_classes or resize_classes):
+            raise ValueError(f"square_classes and resize_classes are options of h2rbox_v2p, not {detector}")
         if ap_method not in ("11point", "area"):
             raise ValueError(f"ap_method must be '11point' or 'area', got {ap_method!r}")
         if not 0 < window_gap < window_size or window_batch < 1:
@@ -116,10 +138,13 @@ class OrientedDetector(TunedModule):
         self.detector, self.num_classes = detector, num_classes
         self.square_names, self.resize_names = list(square_classes or []), list(resize_classes or [])
         self.prob_rot, self.view_range, self.fpn_channels = prob_rot, tuple(view_range), fpn_channels
+        self.box_loss, self.assign_by_circumhbbox = box_loss, bool(assign_by_circumhbbox)
         self.score_threshold, self.nms_pre, self.nms_iou, self.max_per_image = score_threshold, nms_pre, nms_iou, max_per_image
         self.test_size, self.size_divisor, self.full_image_divisor = test_size, size_divisor, full_image_divisor
         self.window = dict(size=window_size, gap=window_gap, rate_threshold=window_rate_threshold, batch=window_batch,
-                           merge_iou=window_merge_iou, pad_divisor=full_image_divisor)  # fmt: skip
+                           merge_iou=window_merge_iou, pad_divisor=full_image_divisor,
+                           per_class=detector == "oriented_rcnn" if window_merge_per_class is None
+                           else bool(window_merge_per_class))  # fmt: skip
         self.patch_merge_iou, self.ap_method = patch_merge_iou, ap_method
         self.submission, self.devkit_labels, self.predict_threshold = submission, devkit_labels, predict_threshold
         self.classes: list[str] | None = None
@@ -139,21 +164,33 @@ class OrientedDetector(TunedModule):
         return [self.classes.index(n) + 1 for n in names]
 
     def build_network(self) -> nn.Module:
-        from ..models.oriented import build_h2rbox
+        from ..models import oriented
 
         data = self._classes_from_data()
+        if self.detector != "h2rbox_v2p" and getattr(data, "horizontal_boxes", False):
+            raise ValueError(f"{self.detector} learns from rotated boxes, but the data gives horizontal ones; "
+                             "set data.init_args.horizontal_boxes: false")  # fmt: skip
         self.full_images = bool(getattr(data, "full_images", False))
         if self.submission is None:
             self.submission = getattr(data, "format", None) == "dota" and not self.full_images
         self.val_metric, self.test_metric = self._new_metric(), self._new_metric()
-        return build_h2rbox(
-            self.backbone_name, num_classes=self.num_classes,
-            model_kwargs={**self.model_kwargs, "drop_path_rate": self.drop_path_rate},
+        common = dict(
+            num_classes=self.num_classes, model_kwargs={**self.model_kwargs, "drop_path_rate": self.drop_path_rate},
+            fpn_channels=self.fpn_channels, score_threshold=self.score_threshold, nms_iou=self.nms_iou,
+            max_per_image=self.max_per_image, test_size=self.test_size, size_divisor=self.size_divisor,
+        )  # fmt: skip
+        if self.detector == "oriented_rcnn":
+            return oriented.build_oriented_rcnn(self.backbone_name, **common)
+        if self.detector == "rotated_retinanet":
+            return oriented.build_rotated_retinanet(
+                self.backbone_name, **common, nms_pre=self.nms_pre, box_loss=self.box_loss,
+                assign_by_circumhbbox=self.assign_by_circumhbbox,
+            )  # fmt: skip
+        return oriented.build_h2rbox(
+            self.backbone_name, **common, nms_pre=self.nms_pre,
             square_classes=self._labels_of(self.square_names, "square_classes"),
             resize_classes=self._labels_of(self.resize_names, "resize_classes"),
-            prob_rot=self.prob_rot, view_range=self.view_range, fpn_channels=self.fpn_channels,
-            score_threshold=self.score_threshold, nms_pre=self.nms_pre, nms_iou=self.nms_iou,
-            max_per_image=self.max_per_image, test_size=self.test_size, size_divisor=self.size_divisor,
+            prob_rot=self.prob_rot, view_range=self.view_range,
         )  # fmt: skip
 
     def _new_metric(self) -> nn.Module:

@@ -9,6 +9,10 @@ Two ways the release turns patch detections into whole-image ones (spec ยง3.4, ย
   class-agnostic rotated NMS at 0.4 (``merge_results``). :func:`detect_full_image` does this,
   reading only the windows' pixels (:class:`~monatune.data.large_images.LargeImage`), so a
   27,860 x 31,096 STAR image never sits decoded in memory at once where its format allows.
+  The two-stage detectors (``RotatedTwoStageDetectorCrop``: Oriented R-CNN) differ: the full image
+  is padded to 32 by the test pipeline, 2 windows go per pass, and all windows' detections pass one
+  *per-class* rotated NMS at 0.4 (``merge_results_two_stage``, run twice, which changes nothing the
+  second time); ``per_class=True``.
 - **DOTA** test patches (``DOTAWSOODDataset.merge_det``): the patches that ``monatune split`` cut
   from one image (``<id>__1024__<x>___<y>``) are moved by their offsets and merged per class by
   rotated NMS at 0.1 (:func:`merge_patches`).
@@ -68,6 +72,7 @@ def detect_full_image(
     batch: int = 4,
     merge_iou: float = 0.4,
     pad_divisor: int = 64,
+    per_class: bool = False,
     device: torch.device | str = "cpu",
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
 ) -> dict[str, Tensor]:
@@ -80,9 +85,11 @@ def detect_full_image(
         size: Window side.
         gap: Overlap of neighbouring windows.
         rate_threshold: Windows with no more than this share inside the (padded) image are dropped.
-        batch: Windows per forward pass (the release: 4 for single-stage detectors).
+        batch: Windows per forward pass (the release: 4 for single-stage detectors, 2 for two-stage).
         merge_iou: IoU of the class-agnostic rotated NMS within each window and then over all.
-        pad_divisor: The full image is padded to a multiple of this first (the release: 64).
+        pad_divisor: The full image is padded to a multiple of this first (the release: 64 for H2RBox,
+            32 for the detectors on its ``star.py`` data base).
+        per_class: One per-class rotated NMS over all windows' detections instead (two-stage detectors).
         device: Where the windows go.
         progress: Wraps the window batches (with their count) to show progress, e.g. a tqdm bar.
 
@@ -103,10 +110,15 @@ def detect_full_image(
             boxes[:, 0] += float(windows[k][0])
             boxes[:, 1] += float(windows[k][1])
             scores, labels = det["scores"].detach().float().cpu(), det["labels"].cpu()
-            keep = rotated_nms(boxes, scores, merge_iou)  # within the window, class-agnostic
-            found[k] = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+            if not per_class:
+                keep = rotated_nms(boxes, scores, merge_iou)  # within the window, class-agnostic
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            found[k] = {"boxes": boxes, "scores": scores, "labels": labels}
     merged = {key: torch.cat([found[k][key] for k in range(len(windows))]) for key in ("boxes", "scores", "labels")}
-    keep = rotated_nms(merged["boxes"], merged["scores"], merge_iou)
+    if per_class:
+        keep = batched_rotated_nms(merged["boxes"], merged["scores"], merged["labels"], merge_iou)
+    else:
+        keep = rotated_nms(merged["boxes"], merged["scores"], merge_iou)
     return {key: value[keep] for key, value in merged.items()}
 
 
