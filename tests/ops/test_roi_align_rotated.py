@@ -192,5 +192,5 @@ def test_batched_over_rois_no_python_loop_per_roi(monkeypatch):
     rois = torch.cat([torch.randint(2, (50, 1)).float(), torch.rand(50, 2) * 32, 4 + torch.rand(50, 2) * 8,
                       torch.rand(50, 1)], dim=1)  # fmt: skip
     assert roi_align_rotated(features, rois).shape == (50, 3, 7, 7)
-    assert len(calls) == 2 and sum(shape[1] for shape in calls) == 50 * 14
-    np.testing.assert_array_equal([shape[2] for shape in calls], [14, 14])
+    assert len(calls) == 2 and sum(shape[1] for shape in calls) == 50 * 49  # one row per bin, its 2 x 2 points
+    np.testing.assert_array_equal([shape[2] for shape in calls], [4, 4])

@@ -109,42 +109,44 @@ def roi_align_rotated(
     for index, grid_h, grid_w in groups:
         if grid_h == 0 or grid_w == 0:  # an empty RoI: no points, mmcv's value is 0
             continue
-        x, y = _sample_points([t[index] for t in frame], out_h, out_w, grid_h, grid_w)  # k, out_h grid_h, out_w grid_w
+        x, y = _sample_points([t[index] for t in frame], out_h, out_w, grid_h, grid_w)  # k, bins, points per bin
         dropped = (y < -1.0) | (y > height) | (x < -1.0) | (x > width)
         x = torch.where(dropped, _OUTSIDE, x.clamp(0, width - 1))
         y = torch.where(dropped, _OUTSIDE, y.clamp(0, height - 1))
         grid = torch.stack([(2 * x + 1) / width - 1, (2 * y + 1) / height - 1], dim=-1)  # align_corners=False
         for b in image[index].unique().tolist():
             chosen = image[index] == b
-            rows = grid[chosen]  # k_b, out_h grid_h, out_w grid_w, 2
+            rows = grid[chosen]  # k_b, bins, points, 2
             k = len(rows)
+            # 1, C, k_b bins, points: a bin's points are adjacent, so their mean is a contiguous reduction
             sampled = F.grid_sample(
-                input[b : b + 1].to(dtype), rows.reshape(1, k * out_h * grid_h, out_w * grid_w, 2),
+                input[b : b + 1].to(dtype), rows.reshape(1, k * out_h * out_w, grid_h * grid_w, 2),
                 mode="bilinear", padding_mode="zeros", align_corners=False,
             )  # fmt: skip
-            pooled = sampled.view(channels, k, out_h, grid_h, out_w, grid_w).mean(dim=(3, 5))
-            output[index[chosen]] = pooled.transpose(0, 1)
+            output[index[chosen]] = sampled.mean(dim=-1).view(channels, k, out_h, out_w).transpose(0, 1)
     return output.to(input.dtype)
 
 
 def _sample_points(frame: list[Tensor], out_h: int, out_w: int, grid_h: int, grid_w: int) -> tuple[Tensor, Tensor]:
-    """Feature-map ``(x, y)`` of every sampling point, ``[k, out_h * grid_h, out_w * grid_w]`` each (mmcv's order
-    of operations: ``start + p * bin + (i + 0.5) * bin / grid``)."""
+    """Feature-map ``(x, y)`` of every sampling point, ``[k, out_h * out_w, grid_h * grid_w]`` each, bin-major
+    (mmcv's order of operations: ``start + p * bin + (i + 0.5) * bin / grid``)."""
     cx, cy, roi_w, roi_h, cos, sin = frame
-    yy = _axis(roi_h, out_h, grid_h)[:, :, None]  # k, out_h grid_h, 1
-    xx = _axis(roi_w, out_w, grid_w)[:, None, :]  # k, 1, out_w grid_w
-    cos, sin = cos[:, None, None], sin[:, None, None]
-    y = yy * cos - xx * sin + cy[:, None, None]
-    x = yy * sin + xx * cos + cx[:, None, None]
-    return x, y
+    k = len(cx)
+    yy = _axis(roi_h, out_h, grid_h)[:, :, None, :, None]  # k, out_h, 1, grid_h, 1
+    xx = _axis(roi_w, out_w, grid_w)[:, None, :, None, :]  # k, 1, out_w, 1, grid_w
+    cos, sin = cos.view(k, 1, 1, 1, 1), sin.view(k, 1, 1, 1, 1)
+    y = yy * cos - xx * sin + cy.view(k, 1, 1, 1, 1)
+    x = yy * sin + xx * cos + cx.view(k, 1, 1, 1, 1)
+    shape = (k, out_h * out_w, grid_h * grid_w)
+    return x.reshape(shape), y.reshape(shape)
 
 
 def _axis(size: Tensor, bins: int, grid: int) -> Tensor:
-    """Offsets from the RoI centre along one side, ``[k, bins * grid]``, bin-major."""
+    """Offsets from the RoI centre along one side, ``[k, bins, grid]``."""
     bin_size = (size / bins)[:, None, None]
     p = torch.arange(bins, device=size.device, dtype=size.dtype)[None, :, None]
     i = torch.arange(grid, device=size.device, dtype=size.dtype)[None, None, :] + 0.5
-    return (-size[:, None, None] / 2.0 + p * bin_size + i * bin_size / grid).reshape(len(size), bins * grid)
+    return -size[:, None, None] / 2.0 + p * bin_size + i * bin_size / grid
 
 
 class MultiScaleRotatedRoIAlign(nn.Module):
