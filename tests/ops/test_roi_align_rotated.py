@@ -194,3 +194,19 @@ def test_batched_over_rois_no_python_loop_per_roi(monkeypatch):
     assert roi_align_rotated(features, rois).shape == (50, 3, 7, 7)
     assert len(calls) == 2 and sum(shape[1] for shape in calls) == 50 * 49  # one row per bin, its 2 x 2 points
     np.testing.assert_array_equal([shape[2] for shape in calls], [4, 4])
+
+
+def test_channels_split_over_threads_give_the_same_result():
+    """On CPU the channels are cut into as many images as there are threads (torch's kernel threads over images)."""
+    g = torch.Generator().manual_seed(4)
+    features = torch.randn(2, 6, 12, 14, generator=g, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(10, g, batch=2, height=12, width=14, scale=1.0, margin=-1.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # 6 channels -> 3 images of 2
+        got = roi_align_rotated(features, rois)
+        (grad,) = torch.autograd.grad(got.sum(), features)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got.detach(), reference(features.detach(), rois), rtol=0, atol=1e-10)
+    torch.testing.assert_close(grad, torch.autograd.grad(roi_align_rotated(features, rois).sum(), features)[0])

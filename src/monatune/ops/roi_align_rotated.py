@@ -24,10 +24,13 @@ never reaches 0), so the coordinates are clamped here before sampling and the po
 outside the map; the result then equals mmcv's at the border too, up to float rounding of the coordinates
 (about 1e-6 of the feature values in float32). ``sampling_ratio <= 0`` (mmcv's adaptive ``ceil(h / H_out)``
 points per bin) is supported by grouping RoIs with the same count. Half-precision features are sampled in
-float32 and the result cast back (mmrotate's extractor runs under ``force_fp32`` likewise).
+float32 and the result cast back (mmrotate's extractor runs under ``force_fp32`` likewise). torch's CPU
+``grid_sample`` (forward and backward) spreads only the batch over threads, so on CPU the channels of an image
+are cut into ``gcd(C, threads)`` images that share one grid (the same numbers, computed in parallel).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -106,6 +109,7 @@ def roi_align_rotated(
         pairs, which = torch.unique(torch.stack([grid_h, grid_w], dim=1), dim=0, return_inverse=True)
         groups = [(torch.nonzero(which == i)[:, 0], int(gh), int(gw)) for i, (gh, gw) in enumerate(pairs.tolist())]
 
+    split = math.gcd(channels, torch.get_num_threads()) if input.device.type == "cpu" else 1
     for index, grid_h, grid_w in groups:
         if grid_h == 0 or grid_w == 0:  # an empty RoI: no points, mmcv's value is 0
             continue
@@ -118,11 +122,12 @@ def roi_align_rotated(
             chosen = image[index] == b
             rows = grid[chosen]  # k_b, bins, points, 2
             k = len(rows)
-            # 1, C, k_b bins, points: a bin's points are adjacent, so their mean is a contiguous reduction
+            # the channels as `split` images sharing one grid: torch's CPU kernel spreads only images over threads
             sampled = F.grid_sample(
-                input[b : b + 1].to(dtype), rows.reshape(1, k * out_h * out_w, grid_h * grid_w, 2),
+                input[b].to(dtype).reshape(split, channels // split, height, width),
+                rows.reshape(1, k * out_h * out_w, grid_h * grid_w, 2).expand(split, -1, -1, -1),
                 mode="bilinear", padding_mode="zeros", align_corners=False,
-            )  # fmt: skip
+            )  # fmt: skip  # split, C / split, k_b bins, points: a bin's points are adjacent, so the mean is contiguous
             output[index[chosen]] = sampled.mean(dim=-1).view(channels, k, out_h, out_w).transpose(0, 1)
     return output.to(input.dtype)
 
