@@ -97,7 +97,9 @@ def _overlapping_later(ranked: Tensor, categories: Tensor | None) -> tuple[np.nd
     Axis-aligned boxes are widened by a hair so that float rounding in the rotated kernel cannot make a
     pair left out here have an IoU above 0. Pairs are found with a uniform grid: every box is listed in the
     cells its axis-aligned box covers, boxes sharing a cell are compared, and a pair is kept only in the
-    cell holding the top-left corner of the two boxes' overlap, so that it is found once.
+    cell holding the top-left corner of the two boxes' overlap, so that it is found once. With categories,
+    each category has its own cells, so the work grows with the pairs within categories only (thousands of
+    candidates of many classes over one small image stay cheap).
     """
     n = len(ranked)
     extent_x, extent_y = _extents(ranked.double())
@@ -127,6 +129,8 @@ def _overlapping_later(ranked: Tensor, categories: Tensor | None) -> tuple[np.nd
     span = (c2 - c1 + 1)[box]
     entry_col, entry_row = c1[box] + within % span, r1[box] + within // span
     key = entry_col * (int(r2.max()) + 1) + entry_row
+    if categories is not None:  # a cell per category: boxes of different categories are never paired
+        key = (categories.long() - categories.min())[box] * ((int(c2.max()) + 1) * (int(r2.max()) + 1)) + key
     by_cell = torch.argsort(key, stable=True)
     key, box, entry_col, entry_row = key[by_cell], box[by_cell], entry_col[by_cell], entry_row[by_cell]
     group_end = torch.searchsorted(key, key, right=True)
@@ -144,8 +148,6 @@ def _overlapping_later(ranked: Tensor, categories: Tensor | None) -> tuple[np.nd
         hit &= torch.maximum(y1[a], y1[b]) <= torch.minimum(y2[a], y2[b])
         hit &= column(torch.maximum(x1[a], x1[b])) == entry_col[p]  # the cell owning the pair
         hit &= row(torch.maximum(y1[a], y1[b])) == entry_row[p]
-        if categories is not None:
-            hit &= categories[a] == categories[b]
         a, b = a[hit], b[hit]
         firsts.append(torch.minimum(a, b))
         seconds.append(torch.maximum(a, b))
