@@ -105,16 +105,42 @@ def small_sets(tmp_path_factory):
 
 
 METHOD_NAMES = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml"))
+# every method trains with every detector; the data set and RetinaNet's variant rotate with the method, so each
+# config (and variant) also meets several methods; the first method of each config also tests and predicts
+RETINANET_TURNS = [("dota", None), ("star", "retinanet_kld"), ("star", "retinanet_hbb"), ("dota", "retinanet_kld"),
+                   ("star", None), ("dota", "retinanet_hbb")]  # fmt: skip
+RUNS = []
+for i, name in enumerate(METHOD_NAMES):
+    folder, other = ("dota", "star") if i % 2 == 0 else ("star", "dota")
+    RUNS.append(("h2rbox", folder, None, name))
+    RUNS.append(("oriented_rcnn", other, None, name))
+    RUNS.append(("rotated_retinanet", *RETINANET_TURNS[i % len(RETINANET_TURNS)], name))
+FIRST = {}
+for run_ in RUNS:
+    FIRST.setdefault(run_[:3], run_)
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
-@pytest.mark.parametrize("task, folder", [("dota_h2rbox_swin_b.yaml", "dota"), ("star_h2rbox_swin_b.yaml", "star")])
-def test_both_configs_train_with_every_method(small_sets, tmp_path, task, folder, name):
+@pytest.mark.parametrize("detector, folder, variant, name", RUNS, ids=lambda v: str(v))
+def test_every_config_trains_with_every_method(small_sets, tmp_path, detector, folder, variant, name):
     # one step and a validation (STAR: whole test scenes in windows) through the CLI, the config composed with the method's
-    args = [*config(task), *method(name), "--data.init_args.root", str(small_sets / folder), *TINY,
-            "--trainer.max_steps", "1", "--model.init_args.window_size", "64", "--model.init_args.window_gap", "16"]
-    if folder == "star":  # the config's square classes, fewer candidates to merge than STAR's 48
-        args += ["--data.init_args.classes", json.dumps(["ship", "tank", "roundabout"])]
-    assert run("fit", *args, "--run_dir", tmp_path / "run") == 0
-    results = read_json(tmp_path / "run" / "results.json")
+    extra = config(f"variants/{variant}.yaml") if variant else []
+    args = [*config(f"{'dota' if folder == 'dota' else 'star'}_{detector}_swin_b.yaml"), *extra, *method(name),
+            "--data.init_args.root", str(small_sets / folder), *TINY, "--trainer.max_steps", "1"]  # fmt: skip
+    if folder == "star":  # windows smaller than the scenes; for H2RBox the config's square classes
+        args += ["--model.init_args.window_size", "64", "--model.init_args.window_gap", "16"]
+        if detector == "h2rbox":
+            args += ["--data.init_args.classes", json.dumps(["ship", "tank", "roundabout"])]
+    run_dir = tmp_path / "run"
+    assert run("fit", *args, "--run_dir", run_dir) == 0
+    results = read_json(run_dir / "results.json")
     assert results["method"] == name and results["steps"] == 1 and 0.0 <= results["last"] <= 1.0
+    if FIRST[(detector, folder, variant)] != (detector, folder, variant, name):
+        return
+    assert run("test", *args, "--run_dir", run_dir) == 0
+    metrics = read_json(run_dir / "test" / "results.json")["metrics"]
+    assert 0.0 <= metrics["test/rmap50"] <= 1.0
+    if folder == "star":  # the STAR configs validate on the test split
+        assert metrics["test/rmap50"] == pytest.approx(results["last"], abs=1e-6)
+    assert run("predict", *args, "--run_dir", run_dir, "--model.init_args.predict_threshold", "0.0") == 0
+    rows = read_json(run_dir / "predict" / "predictions.json")
+    assert len(rows) == 2 and all(len(r["boxes"]) == len(r["polygons"]) == len(r["scores"]) for r in rows)
