@@ -7,7 +7,7 @@ from h2rbox_reference import release_detections, release_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from monatune.models.oriented import H2RBoxHead, batch_images, build_h2rbox, fcos_targets, grid_points, make_views
-from monatune.models.oriented.h2rbox import _resize_long_side
+from monatune.models.oriented.common import resize_long_side
 from monatune.models.oriented.head import REGRESS_RANGES, STRIDES
 from monatune.models.oriented.losses import centerness_targets, distance_to_le90, projection_iou_loss, symmetry_loss
 from monatune.models.oriented.psc import psc_decode, psc_encode
@@ -322,7 +322,7 @@ def test_detections_match_release_transliteration():
 
 def test_test_size_resizes_and_maps_boxes_back():
     image = torch.rand(3, 48, 64)
-    small, factor = _resize_long_side(image, 32)
+    small, factor = resize_long_side(image, 32)
     assert small.shape == (3, 24, 32) and factor.tolist() == [0.5, 0.5, 0.5, 0.5]
     assert torch.equal(small, (small * 255).round() / 255)
     model = tiny(score_threshold=0.0, max_per_image=50).eval()
@@ -334,7 +334,7 @@ def test_test_size_resizes_and_maps_boxes_back():
     assert len(direct["boxes"]) > 0
     torch.testing.assert_close(mapped["boxes"][:, :4], direct["boxes"][:, :4] * 2)
     torch.testing.assert_close(mapped["scores"], direct["scores"])
-    assert _resize_long_side(torch.rand(3, 30, 20), 30)[1].tolist() == [1.0] * 4  # already that size
+    assert resize_long_side(torch.rand(3, 30, 20), 30)[1].tolist() == [1.0] * 4  # already that size
 
 
 def test_training_reduces_the_loss_and_reaches_the_tuned_backbone():

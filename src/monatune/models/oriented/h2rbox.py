@@ -19,15 +19,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import timm
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...dense import build_dense_backbone
 from ...ops import batched_rotated_nms
-from ..detection.builders import FeatureBackbone
-from ..detection.transform import rescale_size
+from .common import check_build_args, checked_targets, feature_backbone, resize_long_side
 from .head import H2RBoxHead, grid_points
 from .losses import distance_to_le90
 from .psc import PSC_STEPS, psc_decode
@@ -98,18 +94,9 @@ class H2RBoxV2P(nn.Module):
 
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """The four losses of a batch and its self-supervised view."""
-        if len(targets) != len(images):
-            raise ValueError(f"one target per image is needed, got {len(images)} images and {len(targets)} targets")
         batch = batch_images(images, self.size_divisor)
-        boxes, labels = [], []
-        for target in targets:
-            b, lab = torch.as_tensor(target["boxes"]), torch.as_tensor(target["labels"])
-            if b.dim() != 2 or b.shape[-1] != 5 or len(lab) != len(b):
-                raise ValueError(f"targets need 'boxes' [N, 5] (le90) and 'labels' [N], got {tuple(b.shape)} and {tuple(lab.shape)}")
-            if len(lab) and (int(lab.min()) < 1 or int(lab.max()) > self.num_classes):
-                raise ValueError(f"labels must be in 1..{self.num_classes}, got {lab.min().item()}..{lab.max().item()}")
-            boxes.append(b.to(batch.device, torch.float32))
-            labels.append(lab.to(batch.device, torch.long) - 1)
+        boxes, labels = checked_targets(targets, len(images), self.num_classes, batch.device, positive_sizes=False)
+        labels = [lab - 1 for lab in labels]
         batch, boxes, labels, ids, view = make_views(batch, boxes, labels, prob_rot=self.prob_rot, view_range=self.view_range)
         outputs = self.head(self.features(batch))
         with torch.autocast(batch.device.type, enabled=False):  # the release's force_fp32 losses
@@ -121,7 +108,7 @@ class H2RBoxV2P(nn.Module):
         if self.test_size is not None:
             resized = []
             for image in images:
-                image, factor = _resize_long_side(image, self.test_size)
+                image, factor = resize_long_side(image, self.test_size)
                 resized.append(image)
                 factors.append(factor)
             images = resized
@@ -166,18 +153,6 @@ class H2RBoxV2P(nn.Module):
         for c in self.resize_classes:
             boxes[label == c, 2:4] *= 0.85
         return {"boxes": boxes.float(), "scores": ranked, "labels": label + 1}
-
-
-def _resize_long_side(image: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """mmcv ``imrescale`` to ``(size, size)`` keep-ratio (bilinear, sizes rounded, values rounded to the
-    0-255 grid as on uint8 images) and mmdet's scale factor (w_scale, h_scale, w_scale, h_scale)."""
-    h, w = image.shape[-2:]
-    new_h, new_w = rescale_size(h, w, size, size)
-    if (new_h, new_w) != (h, w):
-        scaled = F.interpolate(image[None].float() * 255, size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
-        image = scaled.round().clamp(0, 255) / 255
-    w_scale, h_scale = new_w / w, new_h / h
-    return image, torch.tensor([w_scale, h_scale, w_scale, h_scale], device=image.device)
 
 
 def _classes(name: str, classes: Sequence[int], num_classes: int) -> list[int]:
@@ -230,22 +205,13 @@ def build_h2rbox(
     Example:
         >>> model = build_h2rbox("swin_base_patch4_window7_224", num_classes=48, method="mona", square_classes=(5, 45))
     """
-    if num_classes < 1:
-        raise ValueError(f"`num_classes` must be at least 1, got {num_classes}")
-    if fpn_channels < 32 or fpn_channels % 32:
-        raise ValueError(f"`fpn_channels` must be a positive multiple of 32 (GroupNorm with 32 groups), got {fpn_channels}")
-    if test_size is not None and int(test_size) < 1:
-        raise ValueError(f"`test_size` must be None or a positive side length, got {test_size}")
-    if int(size_divisor) < 1:
-        raise ValueError(f"`size_divisor` must be a positive int, got {size_divisor}")
+    check_build_args(num_classes, fpn_channels, test_size, size_divisor, fpn_multiple=32)
     if not 0 <= view_range[0] <= view_range[1]:
         raise ValueError(f"`view_range` must be (low, high) fractions of pi with 0 <= low <= high, got {view_range}")
     square = _classes("square_classes", square_classes, num_classes)
     resize = _classes("resize_classes", resize_classes, num_classes)
-    swin = timm.is_model(backbone) and timm.models.is_model_in_modules(backbone, ["swin_transformer"])
-    body = build_dense_backbone(backbone, method, out_indices=[1, 2, 3] if swin else [-1], model_kwargs=model_kwargs,
-                                **(method_options or {}))  # fmt: skip
-    features = FeatureBackbone(body, levels=[1, 2, 3], extra="p6p7_relu", out_channels=fpn_channels)
+    features = feature_backbone(backbone, method, method_options, model_kwargs, levels=[1, 2, 3], extra="p6p7_relu",
+                                fpn_channels=fpn_channels)  # fmt: skip
     head = H2RBoxHead(num_classes, fpn_channels, feat_channels=fpn_channels, square_classes=square)
     return H2RBoxV2P(features, head, resize_classes=resize, prob_rot=prob_rot, view_range=view_range,
                      score_threshold=score_threshold, nms_pre=nms_pre, nms_iou=nms_iou, max_per_image=max_per_image,

@@ -19,17 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
-from ...dense import build_dense_backbone
 from ...ops.roi_align_rotated import MultiScaleRotatedRoIAlign
 from ..detection.anchors import MMDetAnchorGenerator
-from ..detection.builders import FeatureBackbone
 from .coders import MidpointOffsetCoder
-from .h2rbox import _resize_long_side
+from .common import check_build_args, checked_targets, feature_backbone, resize_long_side
 from .oriented_rpn import OrientedRPN, build_oriented_rpn_head
 from .rotated_roi_head import RotatedBoxHead, RotatedRoIHead, release_roi_coder
 from .views import batch_images
@@ -87,24 +84,8 @@ class OrientedRCNN(nn.Module):
 
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """The RPN's and the RoI head's losses of a batch."""
-        if len(targets) != len(images):
-            raise ValueError(f"one target per image is needed, got {len(images)} images and {len(targets)} targets")
         device = images[0].device if len(images) else torch.device("cpu")
-        boxes, labels = [], []
-        for target in targets:
-            b, lab = torch.as_tensor(target["boxes"]), torch.as_tensor(target["labels"])
-            if b.dim() != 2 or b.shape[-1] != 5 or lab.dim() != 1 or len(lab) != len(b):
-                raise ValueError(
-                    f"targets need 'boxes' [N, 5] (le90) and 'labels' [N], got {tuple(b.shape)} and {tuple(lab.shape)}"
-                )
-            if len(lab) and (int(lab.min()) < 1 or int(lab.max()) > self.num_classes):
-                raise ValueError(
-                    f"labels must be in 1..{self.num_classes}, got {lab.min().item()}..{lab.max().item()}"
-                )
-            if len(b) and not bool(torch.isfinite(b).all() and (b[:, 2:4] > 0).all()):
-                raise ValueError("target boxes must be finite with positive w and h")
-            boxes.append(b.to(device, torch.float32))
-            labels.append(lab.to(device, torch.long))
+        boxes, labels = checked_targets(targets, len(images), self.num_classes, device)
         image_list, features = self.features(images)
         # the heads run in whatever precision autocast gives; their losses cast to float32 (the release's force_fp32)
         proposals, rpn_losses = self.rpn(image_list, features, [{"boxes": b} for b in boxes])
@@ -116,7 +97,7 @@ class OrientedRCNN(nn.Module):
         """Detections per image, in the images' own pixels."""
         factors: list[Tensor | None] = [None] * len(images)
         if self.test_size is not None:
-            resized = [_resize_long_side(image, self.test_size) for image in images]
+            resized = [resize_long_side(image, self.test_size) for image in images]
             images, factors = [r[0] for r in resized], [r[1] for r in resized]
         image_list, features = self.features(images)
         proposals, _ = self.rpn(image_list, features)
@@ -162,21 +143,11 @@ def build_oriented_rcnn(
     Example:
         >>> model = build_oriented_rcnn("swin_base_patch4_window7_224", num_classes=48, method="mona")
     """
-    if num_classes < 1:
-        raise ValueError(f"`num_classes` must be at least 1, got {num_classes}")
-    if fpn_channels < 1:
-        raise ValueError(f"`fpn_channels` must be a positive int, got {fpn_channels}")
-    if test_size is not None and int(test_size) < 1:
-        raise ValueError(f"`test_size` must be None or a positive side length, got {test_size}")
-    if int(size_divisor) < 1:
-        raise ValueError(f"`size_divisor` must be a positive int, got {size_divisor}")
+    check_build_args(num_classes, fpn_channels, test_size, size_divisor)
     if not 0 < rpn_nms_iou <= 1 or not 0 <= nms_iou <= 1:
         raise ValueError(f"`rpn_nms_iou` and `nms_iou` must lie in (0, 1], got {rpn_nms_iou} and {nms_iou}")
-    swin = timm.is_model(backbone) and timm.models.is_model_in_modules(backbone, ["swin_transformer"])
-    levels = [0, 1, 2, 3]
-    body = build_dense_backbone(backbone, method, out_indices=levels if swin else [-1], model_kwargs=model_kwargs,
-                                **(method_options or {}))  # fmt: skip
-    features = FeatureBackbone(body, levels=levels, extra="maxpool", out_channels=fpn_channels)
+    features = feature_backbone(backbone, method, method_options, model_kwargs, levels=[0, 1, 2, 3], extra="maxpool",
+                                fpn_channels=fpn_channels)  # fmt: skip
     anchors = MMDetAnchorGenerator((4, 8, 16, 32, 64), (0.5, 1.0, 2.0), scales=(8,))
     rpn = OrientedRPN(
         anchors, build_oriented_rpn_head(fpn_channels, anchors.num_anchors_per_location()[0]),

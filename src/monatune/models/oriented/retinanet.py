@@ -47,20 +47,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
-from ...dense import build_dense_backbone
 from ...ops import batched_rotated_nms, rotated_box_iou
 from ..detection.anchors import MMDetAnchorGenerator
 from ..detection.assign import MaxIoUAssigner
-from ..detection.builders import FeatureBackbone
 from .coders import DeltaXYWHACoder, le90_to_oc, oc_to_le90
 from .gaussian import kld_level_loss
-from .h2rbox import _resize_long_side
+from .common import check_build_args, checked_targets, feature_backbone, resize_long_side
 from .losses import AVG_EPS
 from .views import batch_images
 
@@ -226,21 +223,9 @@ class RotatedRetinaNet(nn.Module):
 
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """The focal and box losses of a batch."""
-        if len(targets) != len(images):
-            raise ValueError(f"one target per image is needed, got {len(images)} images and {len(targets)} targets")
         batch = batch_images(images, self.size_divisor)
-        boxes, labels = [], []
-        for target in targets:
-            b, lab = torch.as_tensor(target["boxes"]), torch.as_tensor(target["labels"])
-            if b.dim() != 2 or b.shape[-1] != 5 or lab.dim() != 1 or len(lab) != len(b):
-                raise ValueError(f"targets need 'boxes' [N, 5] (le90) and 'labels' [N], got {tuple(b.shape)} and "
-                                 f"{tuple(lab.shape)}")  # fmt: skip
-            if len(lab) and (int(lab.min()) < 1 or int(lab.max()) > self.num_classes):
-                raise ValueError(f"labels must be in 1..{self.num_classes}, got {lab.min().item()}..{lab.max().item()}")
-            if len(b) and not bool(torch.isfinite(b).all() and (b[:, 2:4] > 0).all()):
-                raise ValueError("target boxes must be finite with positive w and h")
-            boxes.append(b.to(batch.device, torch.float32))
-            labels.append(lab.to(batch.device, torch.long) - 1)
+        boxes, labels = checked_targets(targets, len(images), self.num_classes, batch.device)
+        labels = [lab - 1 for lab in labels]
         d = self.size_divisor
         pad_shapes = [(-(-image.shape[-2] // d) * d, -(-image.shape[-1] // d) * d) for image in images]
         cls_scores, bbox_preds = self.head(self.features(batch))
@@ -299,7 +284,7 @@ class RotatedRetinaNet(nn.Module):
         """Detections per image, in the images' own pixels."""
         factors: list[Tensor | None] = [None] * len(images)
         if self.test_size is not None:
-            resized = [_resize_long_side(image, self.test_size) for image in images]
+            resized = [resize_long_side(image, self.test_size) for image in images]
             images, factors = [r[0] for r in resized], [r[1] for r in resized]
         batch = batch_images(images, self.size_divisor)
         cls_scores, bbox_preds = self.head(self.features(batch))
@@ -376,20 +361,11 @@ def build_rotated_retinanet(
         >>> model = build_rotated_retinanet("swin_base_patch4_window7_224", num_classes=48, method="mona",
         ...                                 assign_by_circumhbbox=True, box_loss="kld")
     """
-    if num_classes < 1:
-        raise ValueError(f"`num_classes` must be at least 1, got {num_classes}")
+    check_build_args(num_classes, fpn_channels, test_size, size_divisor)
     if box_loss not in BOX_LOSSES:
         raise ValueError(f"`box_loss` must be one of {BOX_LOSSES}, got {box_loss!r}")
-    if fpn_channels < 1:
-        raise ValueError(f"`fpn_channels` must be a positive int, got {fpn_channels}")
-    if test_size is not None and int(test_size) < 1:
-        raise ValueError(f"`test_size` must be None or a positive side length, got {test_size}")
-    if int(size_divisor) < 1:
-        raise ValueError(f"`size_divisor` must be a positive int, got {size_divisor}")
-    swin = timm.is_model(backbone) and timm.models.is_model_in_modules(backbone, ["swin_transformer"])
-    body = build_dense_backbone(backbone, method, out_indices=[1, 2, 3] if swin else [-1], model_kwargs=model_kwargs,
-                                **(method_options or {}))  # fmt: skip
-    features = FeatureBackbone(body, levels=[1, 2, 3], extra="p6p7", out_channels=fpn_channels)
+    features = feature_backbone(backbone, method, method_options, model_kwargs, levels=[1, 2, 3], extra="p6p7",
+                                fpn_channels=fpn_channels)  # fmt: skip
     head = RotatedRetinaHead(num_classes, fpn_channels, feat_channels=fpn_channels)
     return RotatedRetinaNet(features, head, assign_by_circumhbbox=assign_by_circumhbbox, box_loss=box_loss,
                             score_threshold=score_threshold, nms_pre=nms_pre, nms_iou=nms_iou,
