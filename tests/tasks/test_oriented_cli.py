@@ -76,7 +76,7 @@ def test_dota_fit_test_submission_and_predict(tmp_path):
     assert drawn.shape == original.shape and (not rows[0]["boxes"] or np.abs(drawn - original).max() > 60)
 
 
-def test_star_fit_and_whole_scene_test(tmp_path):
+def test_star_fit_and_whole_scene_test(tmp_path, capsys):
     classes = ("ship", "tank", "roundabout")
     root = tmp_path / "STAR"
     write_oriented_folder(root / "train", 4, classes=classes)
@@ -92,6 +92,20 @@ def test_star_fit_and_whole_scene_test(tmp_path):
     metrics = read_json(run_dir / "test" / "results.json")["metrics"]
     assert set(metrics) == {"test/rmap50"} and metrics["test/rmap50"] == pytest.approx(results["last"], abs=1e-6)
     assert not (run_dir / "test" / "Task1").exists()  # no server files for STAR
+
+    # a whole scene damaged after its header (the task reads it window by window): skipped with on_bad_image=skip,
+    # counted and named as the loader's skips are; otherwise the run stops naming it
+    bad = sorted((root / "test" / "images").glob("*.png"))[1]
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    assert run("test", *args, "--run_dir", run_dir, "--data.init_args.on_bad_image", "skip") == 0
+    tested = read_json(run_dir / "test" / "results.json")
+    assert (tested["skipped_images"], tested["skipped_files"]) == (1, [str(bad)])
+    assert 0.0 <= tested["metrics"]["test/rmap50"] <= 1.0
+    capsys.readouterr()
+    assert run("test", *args, "--run_dir", run_dir) != 0
+    err = capsys.readouterr().err
+    assert str(bad) in err and "on_bad_image=skip" in err and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")

@@ -243,15 +243,44 @@ class OrientedDetector(TunedModule):
         return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in det.items()}
 
     def _detect(self, batch: dict[str, Any]) -> list[dict[str, Tensor]]:
-        """Detections of a batch's images in their pixels: one forward, or windows over whole images."""
-        if self.full_images or any(im is None for im in batch["images"]):
-            return [self._detect_whole(p, windows=self.full_images) for p in batch["paths"]]
-        return [self._cpu(d) for d in self(batch["images"])]
+        """Detections of a batch's images in their pixels: one forward, or windows over whole images.
+
+        Whole images are read by the task, so a file that turns out unreadable (damaged or truncated, found
+        by :class:`~monatune.data.large_images.LargeImage` as it reads) is handled here as the loader handles
+        its own: with the data's ``on_bad_image=skip`` it leaves the batch (``images``, ``targets``, ``paths``)
+        and joins its ``skipped`` files, which are reported and counted; otherwise the run stops naming it.
+        """
+        if not (self.full_images or any(im is None for im in batch["images"])):
+            return [self._cpu(d) for d in self(batch["images"])]
+        from ..data.images import BadImageError
+
+        found, keep = [], []
+        for k, path in enumerate(batch["paths"]):
+            try:
+                found.append(self._detect_whole(path, windows=self.full_images))
+            except BadImageError as e:
+                self._skip_or_raise(batch, path, e)
+                continue
+            keep.append(k)
+        if len(keep) < len(batch["paths"]):
+            for key in ("images", "targets", "paths"):
+                if key in batch:
+                    batch[key] = [batch[key][k] for k in keep]
+        return found
+
+    def _skip_or_raise(self, batch: dict[str, Any], path: str, error: Exception) -> None:
+        from ..data.images import BadImageError
+
+        data = self._trainer.datamodule if self._trainer is not None else None
+        if getattr(data, "on_bad_image", "error") != "skip":
+            raise BadImageError(f"{error}; fix or remove it, or set data.init_args.on_bad_image=skip to leave "
+                                "unreadable images out") from None  # fmt: skip
+        batch.setdefault("skipped", []).append(path)
 
     def _evaluate(self, batch: dict[str, Any], metric: nn.Module, stage: str) -> None:
         if not batch.get("paths"):
             return
-        preds = self._detect(batch)
+        preds = self._detect(batch)  # may leave unreadable whole images out of the batch
         if stage == "test" and (self.submission or self.devkit_labels):
             self._patches.extend((Path(p).stem, d) for p, d in zip(batch["paths"], preds))
         if getattr(self.trainer.datamodule, f"has_{stage}_annotations", True):
@@ -306,7 +335,10 @@ class OrientedDetector(TunedModule):
         """Per image: ``path`` and the detections scoring at least ``predict_threshold``: ``boxes``
         (``cx, cy, w, h, angle``: torchvision's CXCYWHR, degrees counter-clockwise on screen),
         ``polygons`` (the 4 corners ``x1, y1, ..., x4, y4``), ``labels``, ``names``, ``scores``.
-        Images larger than a window (and every image of full-image data) are read in sliding windows."""
+        Images larger than a window (and every image of full-image data) are read in sliding windows;
+        an unreadable one is skipped or stops the run as the data's ``on_bad_image`` says."""
+        from ..data.images import BadImageError
+
         if not batch.get("paths"):
             return []
         rows = []
@@ -315,9 +347,13 @@ class OrientedDetector(TunedModule):
             if image is None:  # read by the task: in windows when larger than one (or for full-image data)
                 from ..data.large_images import LargeImage
 
-                with LargeImage(path) as large:
-                    whole = self.full_images or max(large.size) > self.window["size"]
-                det = self._detect_whole(path, windows=whole)
+                try:
+                    with LargeImage(path) as large:
+                        whole = self.full_images or max(large.size) > self.window["size"]
+                    det = self._detect_whole(path, windows=whole)
+                except BadImageError as e:
+                    self._skip_or_raise(batch, path, e)
+                    continue
             else:
                 det = self._cpu(self([image])[0])
             keep = det["scores"] >= self.predict_threshold
