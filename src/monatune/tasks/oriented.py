@@ -201,11 +201,6 @@ class OrientedDetector(TunedModule):
     def tuned_part(self, network: nn.Module) -> nn.Module:
         return network.backbone.body
 
-    def release_name(self, name: str) -> str:
-        """As :meth:`TunedModule.release_name`, with the head under mmrotate's ``bbox_head``."""
-        renamed = super().release_name(name)
-        return f"bbox_head.{renamed[len('head.'):]}" if renamed.startswith("head.") else renamed
-
     # -- steps ----------------------------------------------------------------------------
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         return self.model([im.as_subclass(Tensor) for im in images])

@@ -13,7 +13,7 @@ from ...dense import build_dense_backbone
 from ..detection.builders import FeatureBackbone
 from ..detection.transform import rescale_size
 
-__all__ = ["check_build_args", "feature_backbone", "checked_targets", "resize_long_side"]
+__all__ = ["check_build_args", "feature_backbone", "checked_targets", "resize_long_side", "resize_for_test"]
 
 
 def check_build_args(num_classes: int, fpn_channels: int, test_size: int | None, size_divisor: int, *,
@@ -73,3 +73,12 @@ def resize_long_side(image: Tensor, size: int) -> tuple[Tensor, Tensor]:
         image = scaled.round().clamp(0, 255) / 255
     w_scale, h_scale = new_w / w, new_h / h
     return image, torch.tensor([w_scale, h_scale, w_scale, h_scale], device=image.device)
+
+
+def resize_for_test(images: list[Tensor], test_size: int | None) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The images resized so their long side is ``test_size`` (:func:`resize_long_side`) with each one's
+    scale factor, or (``test_size`` None) the images as they are with no factors."""
+    if test_size is None:
+        return images, [None] * len(images)
+    resized = [resize_long_side(image, test_size) for image in images]
+    return [image for image, _ in resized], [factor for _, factor in resized]

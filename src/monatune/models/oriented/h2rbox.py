@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ...ops import batched_rotated_nms
-from .common import check_build_args, checked_targets, feature_backbone, resize_long_side
+from .common import check_build_args, checked_targets, feature_backbone, resize_for_test
 from .head import H2RBoxHead, grid_points
 from .losses import distance_to_le90
 from .psc import PSC_STEPS, psc_decode
@@ -104,16 +104,7 @@ class H2RBoxV2P(nn.Module):
 
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections per image, in the images' own pixels."""
-        factors: list[Tensor | None] = []
-        if self.test_size is not None:
-            resized = []
-            for image in images:
-                image, factor = resize_long_side(image, self.test_size)
-                resized.append(image)
-                factors.append(factor)
-            images = resized
-        else:
-            factors = [None] * len(images)
+        images, factors = resize_for_test(images, self.test_size)
         batch = batch_images(images, self.size_divisor)
         cls_scores, bbox_preds, angle_preds, centernesses = self.head(self.features(batch))
         points = grid_points([tuple(c.shape[-2:]) for c in cls_scores], self.head.strides, device=batch.device)

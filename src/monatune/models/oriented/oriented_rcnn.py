@@ -26,7 +26,7 @@ from torchvision.models.detection.image_list import ImageList
 from ...ops.roi_align_rotated import MultiScaleRotatedRoIAlign
 from ..detection.anchors import MMDetAnchorGenerator
 from .coders import MidpointOffsetCoder
-from .common import check_build_args, checked_targets, feature_backbone, resize_long_side
+from .common import check_build_args, checked_targets, feature_backbone, resize_for_test
 from .oriented_rpn import OrientedRPN, build_oriented_rpn_head
 from .rotated_roi_head import RotatedBoxHead, RotatedRoIHead, release_roi_coder
 from .views import batch_images
@@ -95,10 +95,7 @@ class OrientedRCNN(nn.Module):
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections per image, in the images' own pixels."""
-        factors: list[Tensor | None] = [None] * len(images)
-        if self.test_size is not None:
-            resized = [resize_long_side(image, self.test_size) for image in images]
-            images, factors = [r[0] for r in resized], [r[1] for r in resized]
+        images, factors = resize_for_test(images, self.test_size)
         image_list, features = self.features(images)
         proposals, _ = self.rpn(image_list, features)
         return self.roi_head.predict(list(features.values()), proposals, image_list.image_sizes, factors)

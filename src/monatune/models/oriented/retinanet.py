@@ -57,7 +57,7 @@ from ..detection.anchors import MMDetAnchorGenerator
 from ..detection.assign import MaxIoUAssigner
 from .coders import DeltaXYWHACoder, le90_to_oc, oc_to_le90
 from .gaussian import kld_level_loss
-from .common import check_build_args, checked_targets, feature_backbone, resize_long_side
+from .common import check_build_args, checked_targets, feature_backbone, resize_for_test
 from .losses import AVG_EPS
 from .views import batch_images
 
@@ -282,10 +282,7 @@ class RotatedRetinaNet(nn.Module):
 
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections per image, in the images' own pixels."""
-        factors: list[Tensor | None] = [None] * len(images)
-        if self.test_size is not None:
-            resized = [resize_long_side(image, self.test_size) for image in images]
-            images, factors = [r[0] for r in resized], [r[1] for r in resized]
+        images, factors = resize_for_test(images, self.test_size)
         batch = batch_images(images, self.size_divisor)
         cls_scores, bbox_preds = self.head(self.features(batch))
         anchors = self.anchors([(int(c.shape[-2]), int(c.shape[-1])) for c in cls_scores], batch.device)
