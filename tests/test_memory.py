@@ -6,7 +6,7 @@ import torch
 from tiny_models import tiny_swin, tiny_vit
 
 import monatune
-from monatune.dense import build_dense_backbone
+from monatune.models.dense import build_dense_backbone
 from monatune.memory import frozen_precision, set_activation_checkpointing, set_frozen_precision
 
 

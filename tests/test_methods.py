@@ -233,7 +233,7 @@ def test_vpt_shallow_on_swin_carries_prompts_through_every_stage():
 
 def test_vpt_refuses_eva_and_bad_options():
     eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1)
-    with pytest.raises(ValueError, match="vpt does not support EVA"):
+    with pytest.raises(ValueError, match="vpt needs tokens that can be prepended, which timm EVA"):
         monatune.apply(eva, "vpt")
     assert not monatune.is_tuned(eva)
     with pytest.raises(ValueError, match="`num_tokens` must be a positive int, got 0"):

@@ -18,7 +18,7 @@ from .checkpoints import (
     load_pretrained,
     save_adapter,
 )
-from .dense import build_dense_backbone
+from .models.dense import build_dense_backbone
 from .methods import METHODS
 from .params import ParamReport, count_parameters
 from .tuning import (

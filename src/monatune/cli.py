@@ -88,7 +88,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
         raise ValueError("--num-classes goes with -c CONFIG; a timm name is counted as a dense backbone, without classes")
     import torch
 
-    from .dense import build_dense_backbone
+    from .models.dense import build_dense_backbone
     from .methods import resolve_method
     from .params import count_parameters
 

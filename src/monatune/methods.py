@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from timm.layers import RmsNorm
-from timm.models.eva import EvaBlock
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -36,7 +35,7 @@ from .adapters.lorand import LoRand
 from .adapters.mona import Mona
 from .adapters.ssf import SSF
 from .adapters.vpt import Prompt, PromptCarry
-from .models.rules import base_modules, base_parameters, block_dim, find_blocks, leaf_type
+from .models.rules import base_modules, base_parameters, block_dim, find_blocks, leaf_type, rule_of
 
 __all__ = ["METHODS", "MethodOptions", "Placement", "resolve_method"]
 
@@ -249,19 +248,28 @@ class _SlotOptions(MethodOptions):
     slots: ClassVar[tuple[str, ...]] = ()
 
     def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:
-        return [
-            Placement(name, slot, self.build(block_dim(block))) for name, block in find_blocks(model) for slot in self.slots
-        ]
+        """One module in each of the method's slots that the block has (a block with none of them is an error)."""
+        placed = []
+        for name, block in find_blocks(model):
+            rule = rule_of(block)
+            slots = [slot for slot in self.slots if slot in rule.slots]
+            if not slots:
+                raise ValueError(
+                    f"{self.name} goes in the {', '.join(self.slots)} slot(s), which {rule.family} blocks do not have "
+                    f"(they have {', '.join(rule.slots)}); see the README's table of families and methods"
+                )
+            placed += [Placement(name, slot, self.build(block_dim(block))) for slot in slots]
+        return placed
 
 
 @dataclass
 class MonaOptions(_SlotOptions):
-    """Mona: one adapter after each residual add of every block."""
+    """Mona: one adapter after each residual add of every block (after the block, for convolutional blocks)."""
 
     name: ClassVar[str] = "mona"
     paper: ClassVar[str] = "Mona (Yin et al., CVPR 2025)"
     point_adapter: ClassVar[bool] = True
-    slots: ClassVar[tuple[str, ...]] = ("after_attn", "after_mlp")
+    slots: ClassVar[tuple[str, ...]] = ("after_attn", "after_mlp", "after_block")
 
     bottleneck: int = option(64, POSITIVE_INT)  # width of the bottleneck
     kernel_sizes: tuple[int, ...] = option(  # averaged depthwise kernels (odd)
@@ -342,8 +350,11 @@ class VPTOptions(MethodOptions):
 
     def placements(self, model: nn.Module, head: Sequence[str]) -> list[Placement]:
         blocks = find_blocks(model)
-        if any(isinstance(b, EvaBlock) for _, b in blocks):
-            raise ValueError("vpt does not support EVA blocks: their rotary embeddings fix the token layout")
+        for _, block in blocks:
+            rule = rule_of(block)
+            if "prompt" not in rule.slots:
+                raise ValueError(f"vpt needs tokens that can be prepended, which {rule.family} blocks do not take "
+                                 f"({rule.grid}); see the README's table of families and methods")
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
         area = int(patch[0] * patch[1]) if isinstance(patch, (tuple, list)) else int(patch) ** 2
         carry = None if self.deep else PromptCarry()
@@ -398,17 +409,20 @@ class LoRAOptions(MethodOptions):
         placed = []
         qkv_slices = [i for i, m in enumerate("qkv") if m in self.modules]
         for name, block in find_blocks(model):
-            attn = block.attn
-            if qkv_slices and isinstance(getattr(attn, "qkv", None), nn.Linear):
-                qkv = attn.qkv
-                placed.append(Placement(f"{name}.attn.qkv", "lora", self._lora(qkv, 3, qkv_slices)))
-            elif qkv_slices:
-                for m in "qkv":
-                    if m in self.modules:
-                        placed.append(Placement(f"{name}.attn.{m}_proj", "lora", self._lora(getattr(attn, f"{m}_proj"))))
-            for m, path in (("proj", "attn.proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
-                if m in self.modules:
-                    placed.append(Placement(f"{name}.{path}", "lora", self._lora(block.get_submodule(path))))
+            rule = rule_of(block)
+            fused = _linear_at(block, rule.linears.get("qkv"))
+            wanted = [m for m in self.modules if m not in "qkv" or fused is None]
+            missing = [m for m in wanted if _linear_at(block, rule.linears.get(m)) is None]
+            if missing:
+                have = [m for m in _LORA_MODULES if _linear_at(block, rule.linears.get(m)) is not None or
+                        (m in "qkv" and fused is not None)]  # fmt: skip
+                raise ValueError(f"lora: {rule.family} blocks have no {', '.join(missing)} projection; choose "
+                                 f"`modules` from {have}")  # fmt: skip
+            if qkv_slices and fused is not None:
+                placed.append(Placement(f"{name}.{rule.linears['qkv']}", "lora", self._lora(fused, 3, qkv_slices)))
+            for m in wanted:
+                path = rule.linears[m]
+                placed.append(Placement(f"{name}.{path}", "lora", self._lora(block.get_submodule(path))))
         return placed
 
     def _lora(self, linear: nn.Module, num_slices: int = 1, slices: Sequence[int] = (0,)) -> LoRA:
@@ -439,6 +453,17 @@ class SSFOptions(MethodOptions):
         if not placed:
             raise ValueError(f"ssf found no linear, LayerNorm or Conv2d layer in {type(model).__name__}")
         return placed
+
+
+def _linear_at(block: nn.Module, path: str | None) -> nn.Linear | None:
+    """The linear layer at ``path`` in ``block`` (None if there is none: no such path, or another layer type)."""
+    if path is None:
+        return None
+    try:
+        module = block.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Linear) else None
 
 
 METHODS: dict[str, type[MethodOptions]] = {

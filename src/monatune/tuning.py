@@ -29,8 +29,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .methods import METHODS, Placement, resolve_method
 from .models.base import SLOTS, TunedBlockMixin, swap_class
 from .models.generic import POINTS_ATTR, MapHook, infer_channels, point_key
-from .models.rules import SUPPORTED_BLOCKS, tuned_rule
-from .models.vit import TunedEvaBlock, TunedViTBlock, attach_token_grid, detach_token_grid
+from .models.registry import BLOCK_RULES, BlockRule, block_rule, supported_families
+from .models.rules import tuned_rule
 
 __all__ = [
     "apply",
@@ -47,7 +47,7 @@ __all__ = [
     "is_tuned",
     "TuningState",
     "AdapterSpec",
-    "SUPPORTED_BLOCKS",
+    "supported_families",
     "model_name",
     "classifier_names",
 ]
@@ -74,7 +74,7 @@ class TuningState:
     head: list[str]
     original_requires_grad: dict[str, bool]
     swapped: list[str] = field(default_factory=list)  # modules whose class apply() swapped
-    grid_attached: bool = False
+    attached: list[str] = field(default_factory=list)  # families whose rule.attach ran (token grids, ...)
     pristine: dict[str, Tensor] = field(default_factory=dict)  # frozen values of weights trained in place
     stash: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # in-place values of inactive adapters
     merge_backup: dict[str, Tensor | None] = field(default_factory=dict)  # weights before a merge (None: added)
@@ -183,7 +183,7 @@ def apply(
             if name not in state.pristine:
                 state.pristine[name] = _snapshot(params[name])
 
-    token_blocks = []
+    attach: dict[str, tuple[BlockRule, list[nn.Module]]] = {}
     for p in placements:
         host = model.get_submodule(p.host)
         if p.host.endswith(".qkv"):
@@ -195,11 +195,13 @@ def apply(
         if p.slot not in host._modules:
             host.add_module(p.slot, nn.ModuleDict())
         host._modules[p.slot][adapter_name] = p.module.train(host.training)
-        if isinstance(host, (TunedViTBlock, TunedEvaBlock)):
-            token_blocks.append(host)
-    if token_blocks:
-        state.grid_attached = state.grid_attached or getattr(model, "_monatune_grid", None) is None
-        attach_token_grid(model, token_blocks)
+        block = block_rule(host)
+        if block is not None and block.attach is not None:
+            attach.setdefault(block.family, (block, []))[1].append(host)
+    for family, (block, hosts) in attach.items():  # e.g. share the current token grid with the blocks
+        block.attach(model, hosts)
+        if family not in state.attached:
+            state.attached.append(family)
     if targets is not None:
         if POINTS_ATTR not in model._modules:
             model.add_module(POINTS_ATTR, nn.ModuleDict())
@@ -372,9 +374,7 @@ def _prune(model: nn.Module, state: TuningState) -> None:
         else:
             kept.append((module_name, attr, value))
     state.attrs_changed = kept
-    if state.grid_attached and not any(isinstance(m, (TunedViTBlock, TunedEvaBlock)) for m in model.modules()):
-        detach_token_grid(model)
-        state.grid_attached = False
+    _detach(model, state, keep=True)
 
 
 def unapply(model: nn.Module, *, merge: bool = False) -> nn.Module:
@@ -415,12 +415,22 @@ def unapply(model: nn.Module, *, merge: bool = False) -> nn.Module:
     model._modules.pop(POINTS_ATTR, None)
     for module_name, attr, value in reversed(state.attrs_changed):
         setattr(model.get_submodule(module_name), attr, value)
-    if state.grid_attached:
-        detach_token_grid(model)
+    _detach(model, state, keep=False)
     for pname, param in model.named_parameters():
         param.requires_grad_(state.original_requires_grad.get(pname, True))
     del model.__dict__[STATE_ATTR]
     return model
+
+
+def _detach(model: nn.Module, state: TuningState, *, keep: bool) -> None:
+    """Run the ``detach`` of each family attached, unless (``keep``) a tuned block of that family remains."""
+    rules = {rule.family: rule for rule in BLOCK_RULES.values()}
+    tuned = {rule.family for m in model.modules() if keep and isinstance(m, TunedBlockMixin) and (rule := block_rule(m))}
+    for family in [f for f in state.attached if f not in tuned]:
+        detach = rules[family].detach
+        if detach is not None:
+            detach(model)
+        state.attached.remove(family)
 
 
 def refresh_pristine(model: nn.Module, names: Sequence[str]) -> None:

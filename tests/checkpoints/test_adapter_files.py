@@ -163,7 +163,7 @@ def _structure(model):
     state = monatune.get_state(model)
     return modules, {k: v.clone() for k, v in model.state_dict().items()}, \
         [(n, p.requires_grad) for n, p in model.named_parameters()], \
-        (sorted(state.adapters), list(state.swapped), list(state.attrs_changed), state.grid_attached, sorted(state.pristine))
+        (sorted(state.adapters), list(state.swapped), list(state.attrs_changed), state.attached, sorted(state.pristine))
 
 
 @pytest.mark.parametrize("factory,first,second", [

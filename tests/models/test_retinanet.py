@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.ops import box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from monatune.dense import freeze_stages
+from monatune.models.swin import freeze_stages
 from monatune.models.detection.anchors import MMDetAnchorGenerator
 from monatune.models.detection.assign import MaxIoUAssigner
 from monatune.models.detection.builders import LastLevelP6P7NoReLU, build_detector

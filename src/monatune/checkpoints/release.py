@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..dense import build_dense_backbone
+from ..models.dense import build_dense_backbone
 from .adapter import save_adapter
 from ..tuning import adapter_modules
 from .pretrained import RELEASE_SLOTS, load_pretrained

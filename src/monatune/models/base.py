@@ -19,6 +19,9 @@ LayerNorms, the patch embedding's convolution) have ``lora`` and ``ssf``::
     mlp_parallel  a branch beside the MLP, fed the stream       (AdaptFormer)
     mlp_out       on the MLP branch, before DropPath           (Houlsby adapter, LoRand)
     after_mlp     on the stream after the second residual add  (Mona)
+    after_block   on the stream after a block's only residual add (Mona on convolutional blocks)
+
+Which of them a block class has is its rule's (:mod:`monatune.models.registry`).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 
 __all__ = ["TunedBlockMixin", "SLOTS", "BLOCK_SLOTS", "LEAF_SLOTS", "swap_class"]
 
-BLOCK_SLOTS = ("prompt", "attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp")
+BLOCK_SLOTS = ("prompt", "attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp", "after_block")
 LEAF_SLOTS = ("lora", "ssf")
 SLOTS = BLOCK_SLOTS + LEAF_SLOTS
 

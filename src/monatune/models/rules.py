@@ -3,47 +3,40 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from timm.models.eva import EvaBlock
-from timm.models.swin_transformer import SwinTransformerBlock
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from .base import SLOTS, TunedBlockMixin
 from .generic import POINTS_ATTR
 from .leaf import LEAF_RULES
-from .swin import TunedSwinBlock
-from .vit import TunedEvaBlock, TunedViTBlock
+from .registry import BLOCK_RULES, BlockRule, block_rule, supported_families
 
 __all__ = [
     "BLOCK_RULES",
     "LEAF_RULES",
-    "SUPPORTED_BLOCKS",
     "find_blocks",
     "block_dim",
     "base_modules",
     "base_parameters",
     "tuned_rule",
     "leaf_type",
+    "rule_of",
+    "supported_families",
 ]
-
-#: timm block class -> tuned subclass swapped in. Exact types only: a subclass may have a
-#: different forward, which the tuned class would silently replace.
-BLOCK_RULES: dict[type[nn.Module], type[nn.Module]] = {
-    SwinTransformerBlock: TunedSwinBlock,
-    Block: TunedViTBlock,
-    EvaBlock: TunedEvaBlock,
-}
-SUPPORTED_BLOCKS = (
-    "timm Swin v1 (swin_transformer.SwinTransformerBlock), "
-    "timm ViT / DeiT / DINOv2 (vision_transformer.Block), timm EVA (eva.EvaBlock)"
-)
 
 
 def tuned_rule(module: nn.Module) -> type[nn.Module] | None:
     """The tuned class to swap onto ``module`` (None if it already is one or has no rule)."""
     if isinstance(module, TunedBlockMixin):
         return None
-    return BLOCK_RULES.get(type(module)) or LEAF_RULES.get(type(module))
+    rule = block_rule(module)
+    return rule.tuned if rule is not None else LEAF_RULES.get(type(module))
+
+
+def rule_of(block: nn.Module) -> BlockRule:
+    """The block rule of a block :func:`find_blocks` returned."""
+    rule = block_rule(block)
+    assert rule is not None, type(block)
+    return rule
 
 
 def leaf_type(module: nn.Module) -> type[nn.Module] | None:
@@ -55,7 +48,7 @@ def leaf_type(module: nn.Module) -> type[nn.Module] | None:
 
 
 def _is_block(module: nn.Module) -> bool:
-    return type(module) in BLOCK_RULES or isinstance(module, tuple(BLOCK_RULES.values()))
+    return block_rule(module) is not None
 
 
 def base_modules(model: nn.Module, exclude: Sequence[str] = ()) -> Iterator[tuple[str, nn.Module]]:
@@ -89,7 +82,7 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     blocks = [(name, m) for name, m in base_modules(model) if _is_block(m)]
     if not blocks:
         raise ValueError(
-            f"monatune has no block rules for {type(model).__name__}: it knows {SUPPORTED_BLOCKS}. For other "
+            f"monatune has no block rules for {type(model).__name__}: it knows {supported_families()}. For other "
             "models, put Mona after modules whose output is a feature map with "
             "`targets=<regex of module names>` (and `layout='NCHW'` or 'NHWC'), or use a method that needs no "
             "blocks (full, fixed, bitfit, norm, ssf)"
@@ -98,5 +91,5 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def block_dim(block: nn.Module) -> int:
-    """Width of a block's residual stream."""
-    return next(m for m in block.modules() if isinstance(m, nn.Linear)).in_features
+    """Width of a block's stream where its slots are."""
+    return rule_of(block).width(block)

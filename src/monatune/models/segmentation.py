@@ -26,13 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
-from ..dense import DenseSwin, build_dense_backbone
+from .dense import build_dense_backbone, is_hierarchical
 from .detection.builders import SimpleFeaturePyramid
 
 __all__ = ["UPerHead", "FCNHead", "SegmentationNetwork", "build_segmenter"]
@@ -264,11 +263,10 @@ def build_segmenter(
         torch.Size([2, 150, 512, 512])
     """
     _positive_int("num_classes", num_classes)
-    # Swin: every stage (default out_indices); ViTs: the last block feeds the pyramid
-    swin = timm.is_model(backbone) and timm.models.is_model_in_modules(backbone, ["swin_transformer"])
-    body = build_dense_backbone(backbone, method, out_indices=None if swin else [-1], model_kwargs=model_kwargs,
+    # hierarchical families: every stage (default out_indices); plain ViTs: the last block feeds the pyramid
+    body = build_dense_backbone(backbone, method, out_indices=None if is_hierarchical(backbone) else [-1], model_kwargs=model_kwargs,
                                 **(method_options or {}))  # fmt: skip
-    pyramid = None if isinstance(body, DenseSwin) else SimpleFeaturePyramid(body.out_channels[-1])
+    pyramid = None if body.hierarchical else SimpleFeaturePyramid(body.out_channels[-1])
     in_channels = pyramid.out_channels if pyramid is not None else body.out_channels
     decode_head = UPerHead(in_channels, num_classes, channels=channels, dropout=dropout)
     aux_head = FCNHead(in_channels[2], num_classes, channels=aux_channels, dropout=dropout) if aux else None

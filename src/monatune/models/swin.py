@@ -15,21 +15,37 @@ Window partition. timm 1.0 (without ``always_partition``) shrinks the window and
 shift on maps smaller than the window, and with dynamic sizes pads *after* the cyclic
 shift. The release's dense backbone keeps the window fixed, pads the map to whole windows
 *before* the shift and builds the shift mask on the padded map. ``release_windows = True``
-(set by :class:`monatune.dense.DenseBackbone`) selects that behaviour.
+(set on the dense backbone's blocks by :func:`build_dense_swin`) selects that behaviour.
+
+The dense backbone (:class:`DenseSwin`) returns stage i's output (before the next patch merging)
+through its output norm ``norm{i}``, strides 4, 8, 16, 32; the input is zero-padded on the
+right/bottom to a multiple of the patch size.
 
 VPT prompts (slot ``prompt``) join every window's tokens inside the attention, with zero
 relative-position bias and no shift mask, as in the VPT authors' Swin code.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Any, Sequence
+
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention, window_partition, window_reverse
-from torch import Tensor
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    WindowAttention,
+    window_partition,
+    window_reverse,
+)
+from torch import Tensor, nn
 
-from .base import TunedBlockMixin
+from .base import TunedBlockMixin, swap_class
+from .dense import DenseMixin, create_timm_model, stage_indices
+from .registry import BlockRule, DenseRule, register_block, register_dense
 
-__all__ = ["TunedSwinBlock", "release_shift_mask", "prompted_window_attention"]
+__all__ = ["TunedSwinBlock", "DenseSwin", "build_dense_swin", "freeze_stages", "release_shift_mask",
+           "prompted_window_attention"]
 
 
 def release_shift_mask(
@@ -145,3 +161,70 @@ class TunedSwinBlock(SwinTransformerBlock, TunedBlockMixin):
             cache.clear()
             cache[key] = release_shift_mask(hp, wp, self.window_size, self.shift_size, x.device, x.dtype)
         return cache[key]
+
+
+class DenseSwin(SwinTransformer, DenseMixin):
+    """A timm SwinTransformer returning its stage maps (class swapped in).
+
+    ``out_indices`` are the stages returned (keys ``"i"``), each with its output norm ``norm{i}``;
+    ``out_channels`` and ``strides`` describe every stage, returned or not.
+    """
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":  # type: ignore[override]
+        x = self.patch_embed(self._pad_to_patch(x))  # B, H/4, W/4, C
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            if i in self.out_indices:
+                out[str(i)] = self._output(i, x)  # B, C_i, H_i, W_i
+        return out
+
+
+def build_dense_swin(name: str, out_indices: Sequence[int] | None, kwargs: dict[str, Any]) -> DenseSwin:
+    """The release's dense Swin v1: fixed windows padded before the shift, a norm per returned stage."""
+    model = create_timm_model(name, pretrained=False, num_classes=0, always_partition=True, strict_img_size=False,
+                              **kwargs)  # fmt: skip
+    if type(model) is not SwinTransformer:
+        raise ValueError(f"{name!r} builds a timm {type(model).__name__}, not a Swin v1 SwinTransformer")
+    swap_class(model, DenseSwin)
+    for block in model.modules():
+        if type(block) is SwinTransformerBlock:
+            swap_class(block, TunedSwinBlock)
+            block.release_windows = True
+    model.norm = nn.Identity()  # the classifier's final norm is not part of the dense backbone
+    indices = stage_indices(out_indices, len(model.layers))
+    model._add_output_norms([info["num_chs"] for info in model.feature_info], indices)
+    model.strides = [info["reduction"] for info in model.feature_info]
+    model.out_indices = indices
+    return model
+
+
+def freeze_stages(backbone: nn.Module, frozen_stages: int) -> None:
+    """The release's Swin ``_freeze_stages``, on top of any method: freeze the first parts of a dense Swin.
+
+    ``frozen_stages >= 0`` freezes the patch embedding, ``>= 1`` also the absolute position
+    embedding (if any), ``>= 2`` also stages ``0 .. frozen_stages - 2`` (mmdetection's Swin
+    configs; the release's VOC RetinaNet sets 1: the patch embedding is frozen for every method,
+    full fine-tuning included). Negative: nothing. ``requires_grad`` is what changes.
+    """
+    if frozen_stages < 0:
+        return
+    if not isinstance(backbone, DenseSwin):
+        raise ValueError(f"`frozen_stages` applies to dense Swin backbones, got {type(backbone).__name__}")
+    parts: list[nn.Module] = [backbone.patch_embed]
+    parts += list(backbone.layers)[: max(frozen_stages - 1, 0)]
+    for part in parts:
+        for p in part.parameters():
+            p.requires_grad_(False)
+    pos = getattr(backbone, "absolute_pos_embed", None)
+    if frozen_stages >= 1 and isinstance(pos, nn.Parameter):
+        pos.requires_grad_(False)
+
+
+register_block(BlockRule(
+    block=SwinTransformerBlock, tuned=TunedSwinBlock, family="timm Swin v1",
+    slots=("prompt", "attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp"), grid="NHWC map",
+    linears={"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"},
+))
+register_dense(DenseRule(family="timm Swin v1 (swin_*)", timm_modules=("swin_transformer",), build=build_dense_swin,
+                         hierarchical=True))

@@ -14,19 +14,27 @@ first and the patch tokens after them. Mona lays the patch tokens out on their g
 its convolutions and treats each prefix token as an isolated 1x1 map (only the kernels'
 centre taps act on it). The grid follows the input: a forward pre-hook on the model's
 patch embedding records it on every call, so dynamic image sizes work.
+
+The dense backbone (:class:`DenseViT`, :class:`DenseEva`) returns the outputs of chosen blocks
+as maps at the patch stride, prefix tokens dropped, each through an output norm; any input size
+(padded to the patch size).
 """
 from __future__ import annotations
 
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Sequence
 
 import torch
-from timm.models.eva import EvaBlock
-from timm.models.vision_transformer import Block
+from timm.models.eva import Eva, EvaBlock
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from .base import TunedBlockMixin
+from .base import TunedBlockMixin, swap_class
+from .dense import DenseMixin, block_indices, create_timm_model
+from .registry import BlockRule, DenseRule, register_block, register_dense
 
-__all__ = ["TokenGrid", "TunedViTBlock", "TunedEvaBlock", "attach_token_grid", "detach_token_grid"]
+__all__ = ["TokenGrid", "TunedViTBlock", "TunedEvaBlock", "DenseViT", "DenseEva", "attach_token_grid",
+           "detach_token_grid", "build_dense_vit"]
 
 
 class TokenGrid:
@@ -124,3 +132,57 @@ class TunedEvaBlock(EvaBlock, _TokenBlockMixin):
         x = self._adapt_tokens("after_attn", x)
         y = self.mlp(self.norm2(x))
         return self._mlp_half(x, y if self.gamma_2 is None else self.gamma_2 * y)
+
+
+class _DenseTokens(DenseMixin):
+    hierarchical = False
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        feats = self.forward_intermediates(  # type: ignore[attr-defined]
+            self._pad_to_patch(x), indices=self.out_indices, norm=False, output_fmt="NCHW", intermediates_only=True
+        )
+        return OrderedDict((str(i), self._output(i, f.permute(0, 2, 3, 1))) for i, f in enumerate(feats))
+
+
+class DenseViT(VisionTransformer, _DenseTokens):
+    """A timm VisionTransformer returning chosen block outputs as maps (class swapped in)."""
+
+    forward = _DenseTokens.forward
+
+
+class DenseEva(Eva, _DenseTokens):
+    """A timm Eva returning chosen block outputs as maps (class swapped in)."""
+
+    forward = _DenseTokens.forward
+
+
+def build_dense_vit(name: str, out_indices: Sequence[int] | None, kwargs: dict[str, Any]) -> nn.Module:
+    model = create_timm_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True,
+                              **kwargs)  # fmt: skip
+    dense_cls = {VisionTransformer: DenseViT, Eva: DenseEva}.get(type(model))
+    if dense_cls is None:
+        raise ValueError(f"{name!r} builds a timm {type(model).__name__}, not a VisionTransformer or Eva")
+    swap_class(model, dense_cls)
+    model.norm = nn.Identity()
+    model.out_indices = block_indices(out_indices, len(model.blocks))
+    model._add_output_norms([model.embed_dim] * len(model.out_indices))
+    model.strides = [model.patch_embed.feat_ratio()] * len(model.out_indices)
+    return model
+
+
+_VIT_LINEARS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+register_block(BlockRule(
+    block=Block, tuned=TunedViTBlock, family="timm ViT / DeiT / DINOv2 / CLIP",
+    slots=("prompt", "attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp"),
+    grid="tokens: prefix + patch grid (B, N, C)", linears=_VIT_LINEARS,
+    attach=attach_token_grid, detach=detach_token_grid,
+))
+register_block(BlockRule(
+    block=EvaBlock, tuned=TunedEvaBlock, family="timm EVA (incl. DINOv3)",
+    slots=("attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp"),
+    grid="tokens: prefix + patch grid (B, N, C)",
+    linears={**_VIT_LINEARS, "q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj"},  # fused or not
+    attach=attach_token_grid, detach=detach_token_grid,
+))
+register_dense(DenseRule(family="timm ViT/DeiT/DINOv2 (vit_*, deit_*), timm EVA (eva*)",
+                         timm_modules=("vision_transformer", "deit", "eva"), build=build_dense_vit, hierarchical=False))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
 
-from ..dense import create_timm_model
+from ..models.dense import create_timm_model
 from ..engine.module import TunedModule
 
 __all__ = ["ImageClassifier"]

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..dense import freeze_stages
+from ..models.swin import freeze_stages
 from ..engine.module import TunedModule
 from ..metrics import COCOMeanAveragePrecision, VOCMeanAveragePrecision
 from ..metrics.coco import COCO_STATS
@@ -64,7 +64,7 @@ class ObjectDetector(TunedModule):
         max_size: The longest side; from the data, else 1333.
         predict_threshold: ``predict`` keeps (writes and draws) detections scoring at least this.
         fpn_channels: Width of the FPN and the heads reading it (the release: 256).
-        frozen_stages: The release's Swin ``frozen_stages`` on top of the method (:func:`monatune.dense.freeze_stages`):
+        frozen_stages: The release's Swin ``frozen_stages`` on top of the method (:func:`monatune.models.swin.freeze_stages`):
             0 or 1 freezes the patch embedding (the release's VOC RetinaNet: 1, for every method); -1: nothing.
         detector_kwargs: Extra arguments of the torchvision detector (``score_thresh``, ...).
         **kwargs: Backbone, method and optimiser arguments of :class:`~monatune.engine.TunedModule`.

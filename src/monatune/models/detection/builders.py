@@ -21,13 +21,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-import timm
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
-from ...dense import DenseSwin, build_dense_backbone
+from ..dense import build_dense_backbone, is_hierarchical
 from .retinanet import MMDetRetinaNet
 
 __all__ = ["SimpleFeaturePyramid", "FeatureBackbone", "build_feature_backbone", "build_detector", "DETECTORS"]
@@ -79,7 +78,7 @@ class FeatureBackbone(nn.Module):
     def __init__(self, body: nn.Module, *, levels: list[int], extra: str, out_channels: int = 256) -> None:
         super().__init__()
         self.body = body
-        self.pyramid = None if isinstance(body, DenseSwin) else SimpleFeaturePyramid(body.out_channels[-1])
+        self.pyramid = None if getattr(body, "hierarchical", False) else SimpleFeaturePyramid(body.out_channels[-1])
         channels = self.pyramid.out_channels if self.pyramid is not None else body.out_channels
         self.levels = list(levels)
         in_channels = [channels[i] for i in self.levels]
@@ -119,9 +118,9 @@ def build_feature_backbone(
         raise ValueError(f"unknown detector {detector!r}; choose from {DETECTORS}")
     single = detector in _SINGLE_STAGE
     levels = [1, 2, 3] if single else [0, 1, 2, 3]
-    swin = timm.is_model(name) and timm.models.is_model_in_modules(name, ["swin_transformer"])
-    # Swin: the stages the FPN reads (their output norms only); ViTs: the last block feeds the pyramid
-    body = build_dense_backbone(name, method, out_indices=levels if swin else [-1], model_kwargs=model_kwargs, **options)
+    # hierarchical (Swin, ConvNeXt, ...): the stages the FPN reads (their output norms only); plain ViTs: the
+    # last block feeds the pyramid
+    body = build_dense_backbone(name, method, out_indices=levels if is_hierarchical(name) else [-1], model_kwargs=model_kwargs, **options)
     return FeatureBackbone(body, levels=levels, extra="p6p7" if single else "maxpool", out_channels=out_channels)
 
 

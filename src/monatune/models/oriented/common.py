@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...dense import build_dense_backbone
+from ..dense import build_dense_backbone, is_hierarchical
 from ..detection.builders import FeatureBackbone
 from ..detection.transform import rescale_size
 
@@ -37,8 +36,7 @@ def feature_backbone(backbone: str, method: str | None, method_options: dict[str
                      fpn_channels: int) -> FeatureBackbone:  # fmt: skip
     """The (tuned) dense backbone and its FPN: a Swin gives the stages ``levels`` (through their output
     norms); a ViT-family model's last block feeds a simple pyramid."""
-    swin = timm.is_model(backbone) and timm.models.is_model_in_modules(backbone, ["swin_transformer"])
-    body = build_dense_backbone(backbone, method, out_indices=levels if swin else [-1], model_kwargs=model_kwargs,
+    body = build_dense_backbone(backbone, method, out_indices=levels if is_hierarchical(backbone) else [-1], model_kwargs=model_kwargs,
                                 **(method_options or {}))  # fmt: skip
     return FeatureBackbone(body, levels=levels, extra=extra, out_channels=fpn_channels)
 

@@ -1,0 +1,1 @@
+"""(placeholder: filled by the family work of issue 20)"""
