@@ -9,7 +9,9 @@ A checkpoint is a directory (the layout Hugging Face PEFT uses)::
 
 Tensor names are the model's own with the adapter's name left out
 (``layers.0.blocks.0.after_attn.project1.weight``), so a file does not depend on the name
-it was saved under. A save writes a new directory beside the old one and swaps it in
+it was saved under. The config also lists the model's blocks in forward order (``blocks``: name,
+family, width), so a model of the same architecture from another package, whose blocks have
+other names (a transformers ``SwinModel`` for a timm Swin), loads the block adapters by position. A save writes a new directory beside the old one and swaps it in
 (:mod:`monatune.atomic`), so an interrupted save never leaves a half-written or mixed adapter
 where a good one was; the config records the weights' hash (and any extra file's), so a config
 never silently pairs with other weights.
@@ -32,6 +34,8 @@ from torch import Tensor, nn
 from .._version import __version__
 from ..atomic import recover_directory, replace_directory, staging_directory
 from ..methods import resolve_method
+from ..models.base import BLOCK_SLOTS
+from ..models.rules import block_dim, find_blocks, rule_of
 from ..tuning import adapter_modules, apply, get_state, model_name, remove_adapter, set_active_adapter
 
 __all__ = [
@@ -207,6 +211,7 @@ def save_adapter(
         "backbone": model_name(model),
         "dense": hasattr(model, "out_channels"),
         "head": list(state.head),
+        "blocks": _block_table(model),
         "base_fingerprint": base_fingerprint(model, exclude=set(keys.values())),
         "num_tensors": len(tensors),
         "num_parameters": sum(t.numel() for t in tensors.values()),
@@ -234,6 +239,45 @@ def save_adapter(
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return path
+
+
+def _block_table(model: nn.Module) -> list[dict[str, Any]]:
+    """The model's blocks in forward order (name, family, width): lets another package's model of the
+    same architecture load the block adapters (:func:`_map_blocks`)."""
+    try:
+        blocks = find_blocks(model)
+    except ValueError:  # no block rules (a `targets=` adapter, or a method that needs no blocks)
+        return []
+    return [{"name": n, "family": rule_of(b).family, "width": block_dim(b)} for n, b in blocks]
+
+
+def _map_blocks(saved: Any, model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """The file's block-slot tensors renamed to this model's blocks, matched by position, when the model
+    has the same blocks (count and widths) under other names (a transformers Swin for a timm Swin); else None.
+
+    Only tensors in block slots (``<block>.<slot>.<...>``) are renamed: the slot modules are monatune's
+    own and the same in every package, while the layers inside a block (LoRA's, a head) are not.
+    """
+    table = _block_table(model)
+    if not isinstance(saved, list) or not table or len(saved) != len(table):
+        return None
+    try:
+        if [b["width"] for b in saved] != [b["width"] for b in table]:
+            return None
+        rename = {str(s["name"]): t["name"] for s, t in zip(saved, table) if s["name"] != t["name"]}
+    except (KeyError, TypeError):
+        return None
+    if not rename:
+        return None
+    mapped = {}
+    for key, tensor in tensors.items():
+        for old, new in rename.items():
+            rest = key[len(old) + 1:] if key.startswith(old + ".") else None
+            if rest is not None and rest.split(".", 1)[0] in BLOCK_SLOTS:
+                key = f"{new}.{rest}"
+                break
+        mapped[key] = tensor
+    return mapped
 
 
 def _check_config(config: dict[str, Any], config_path: Path) -> None:
@@ -382,6 +426,11 @@ def load_adapter(
     try:
         keys = _saved_keys(model, name)
         target = model.state_dict()
+        remapped = False
+        if set(keys) != set(tensors):
+            mapped = _map_blocks(config.get("blocks"), model, tensors)
+            if mapped is not None and set(mapped) == set(keys):
+                tensors, remapped = mapped, True
         missing = sorted(set(keys) - set(tensors))
         unexpected = sorted(set(tensors) - set(keys))
         misshapen = [
@@ -399,6 +448,14 @@ def load_adapter(
                 f"adapter '{path}' does not fit this model ({arch or type(model).__name__}): " + "; ".join(parts)
             )
         check_dtypes({k: tensors[k] for k in keys}, {k: target[m] for k, m in keys.items()}, str(path))
+        if check_base and remapped:
+            raise ValueError(
+                f"adapter '{path}' was saved from a model whose blocks have other names "
+                f"({config['blocks'][0]['name']!r} is {_block_table(model)[0]['name']!r} here: another package's "
+                "implementation); "
+                "its block adapters map by position, but the base weights cannot be compared across packages: "
+                "load the same pretrained weights and pass check_base=False"
+            )
         if check_base:
             found = base_fingerprint(model, exclude=set(keys.values()))
             if found != config.get("base_fingerprint"):

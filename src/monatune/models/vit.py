@@ -52,33 +52,43 @@ class TokenGrid:
         self.hw = tuple(feat(size)) if feat is not None else tuple(patch_embed.grid_size)
 
 
-def attach_token_grid(model: nn.Module, blocks: list[nn.Module]) -> None:
-    """Give ``blocks`` (and the model) a shared :class:`TokenGrid` kept current by a hook."""
-    grid = getattr(model, "_monatune_grid", None)
-    if grid is None:
-        patch_embed = getattr(model, "patch_embed", None)
-        if patch_embed is None or not hasattr(model, "num_prefix_tokens"):
-            raise ValueError(
-                f"{type(model).__name__} has ViT blocks but no `patch_embed`/`num_prefix_tokens`; pass the "
-                "whole timm VisionTransformer / Eva model (or a monatune DenseBackbone) to monatune.apply"
-            )
-        grid = TokenGrid(int(model.num_prefix_tokens), tuple(patch_embed.grid_size))
-        model._monatune_grid = grid
-        patch_embed.register_forward_pre_hook(grid)
+def _is_vit(module: nn.Module) -> bool:
+    return hasattr(module, "patch_embed") and hasattr(module, "num_prefix_tokens")
+
+
+def attach_token_grid(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """Give ``blocks`` the :class:`TokenGrid` of the ViT they belong to (``model`` or the innermost module
+    in it with a ``patch_embed`` and ``num_prefix_tokens``), kept current by a hook on its patch embedding."""
+    owners = [m for m in model.modules() if _is_vit(m)]
+    members = [(owner, {id(m) for m in owner.modules()}) for owner in owners]
     for block in blocks:
+        inside = [owner for owner, ids in members if id(block) in ids]
+        if not inside:
+            raise ValueError(
+                f"{type(model).__name__} has ViT blocks but no `patch_embed`/`num_prefix_tokens` around them; pass "
+                "a timm VisionTransformer / Eva model (or a module holding one, or a monatune dense backbone) "
+                "to monatune.apply"
+            )
+        owner = min(inside, key=lambda o: sum(1 for _ in o.modules()))  # the innermost
+        grid = owner.__dict__.get("_monatune_grid")
+        if grid is None:
+            grid = TokenGrid(int(owner.num_prefix_tokens), tuple(owner.patch_embed.grid_size))
+            owner._monatune_grid = grid
+            owner.patch_embed.register_forward_pre_hook(grid)
         block.token_grid = grid
 
 
 def detach_token_grid(model: nn.Module) -> None:
     """Undo :func:`attach_token_grid`."""
-    grid = model.__dict__.pop("_monatune_grid", None)
-    if grid is None:
-        return
-    hooks = model.patch_embed._forward_pre_hooks
-    for key in [k for k, hook in hooks.items() if hook is grid]:
-        del hooks[key]
-    for module in model.modules():
-        module.__dict__.pop("token_grid", None)
+    for owner in list(model.modules()):
+        grid = owner.__dict__.pop("_monatune_grid", None)
+        if grid is None:
+            continue
+        hooks = owner.patch_embed._forward_pre_hooks
+        for key in [k for k, hook in hooks.items() if hook is grid]:
+            del hooks[key]
+        for module in owner.modules():
+            module.__dict__.pop("token_grid", None)
 
 
 class _TokenBlockMixin(TunedBlockMixin):
