@@ -19,6 +19,7 @@ from .checkpoints import (
     save_adapter,
 )
 from .models.dense import build_dense_backbone
+from .models.vit import set_token_grid
 from .methods import METHODS
 from .params import ParamReport, count_parameters
 from .tuning import (
@@ -54,6 +55,7 @@ __all__ = [
     "get_state",
     "is_tuned",
     "build_dense_backbone",
+    "set_token_grid",
     "count_parameters",
     "ParamReport",
     "save_adapter",

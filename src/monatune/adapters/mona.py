@@ -291,18 +291,26 @@ class Mona(nn.Module):
         # The up-projection is not zero-initialised, so an untrained Mona is not an identity.
         init_linears(init, self.project1, self.project2)
 
-    def forward(self, x: Tensor, hw: tuple[int, int] | None = None, num_prefix_tokens: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, hw: tuple[int, int] | Sequence[tuple[int, int]] | None = None, num_prefix_tokens: int = 0
+    ) -> Tensor:
         """Adapt a feature map.
 
         Args:
             x: Either a channels-last map (B, H, W, C), or tokens (B, N, C) with
                 N = num_prefix_tokens + H * W, the prefix tokens first.
-            hw: Grid size (H, W) of the patch tokens; required for token input.
-            num_prefix_tokens: Leading tokens not on the grid (class, register tokens).
+            hw: Grid size (H, W) of the patch tokens; required for token input. A list of grid sizes
+                means packed tokens: the images' sequences one after another along N (each its
+                ``num_prefix_tokens`` then its H_i * W_i patch tokens), as encoders that pack
+                images of different sizes into one sequence hold them; each image is filtered on
+                its own grid.
+            num_prefix_tokens: Leading tokens not on the grid (class, register tokens), per image.
 
         Returns:
             A tensor shaped like ``x``.
         """
+        if hw is not None and len(hw) and not isinstance(hw[0], int):
+            return self._packed(x, [tuple(g) for g in hw], num_prefix_tokens)
         if x.ndim == 4:
             hw, P = (x.shape[1], x.shape[2]), 0
         elif x.ndim == 3:
@@ -327,6 +335,16 @@ class Mona(nn.Module):
         if self.impl == "fused" and self._can_fuse(x):
             return self._fused(x, tuple(hw), P, keep)
         return self._plain(x, tuple(hw), P, keep)
+
+    def _packed(self, x: Tensor, grids: list[tuple[int, int]], P: int) -> Tensor:
+        sizes = [P + h * w for h, w in grids]
+        if x.ndim != 3 or x.shape[1] != sum(sizes):
+            raise ValueError(
+                f"Mona got tokens {tuple(x.shape)}, but {len(grids)} packed images with grids {grids} and {P} prefix "
+                f"tokens each have {sum(sizes)} along dim 1"
+            )
+        parts = x.split(sizes, dim=1)
+        return torch.cat([self.forward(t, hw=g, num_prefix_tokens=P) for t, g in zip(parts, grids)], dim=1)
 
     def _can_fuse(self, x: Tensor) -> bool:
         if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):

@@ -34,18 +34,25 @@ from .dense import DenseMixin, block_indices, create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["TokenGrid", "TunedViTBlock", "TunedEvaBlock", "DenseViT", "DenseEva", "attach_token_grid",
-           "detach_token_grid", "build_dense_vit"]
+           "detach_token_grid", "build_dense_vit", "set_token_grid"]
 
 
 class TokenGrid:
-    """The patch grid of the current forward, shared by all blocks of one model."""
+    """The patch grid of the current forward, shared by all blocks of one model.
 
-    def __init__(self, num_prefix_tokens: int, hw: tuple[int, int]) -> None:
+    ``hw`` is one (H, W), or a list of them for packed sequences (several images' tokens one after
+    another along N, each with its own prefix tokens; see :func:`set_token_grid`).
+    """
+
+    def __init__(self, num_prefix_tokens: int, hw: tuple[int, int] | list[tuple[int, int]]) -> None:
         self.num_prefix_tokens = num_prefix_tokens
         self.hw = hw
+        self.pinned = False  # set by set_token_grid: the hook leaves hw alone
 
     def __call__(self, patch_embed: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook on the patch embedding: read the grid off the image size."""
+        if self.pinned:
+            return
         image = args[0]
         size = (image.shape[-2], image.shape[-1])
         feat = getattr(patch_embed, "dynamic_feat_size", None)
@@ -76,6 +83,34 @@ def attach_token_grid(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
             owner._monatune_grid = grid
             owner.patch_embed.register_forward_pre_hook(grid)
         block.token_grid = grid
+
+
+def set_token_grid(
+    model: nn.Module, hw: tuple[int, int] | Sequence[tuple[int, int]] | None, num_prefix_tokens: int | None = None
+) -> None:
+    """Fix the token layout the tuned ViT blocks of ``model`` assume, until called with ``hw=None``.
+
+    For encoders that lay tokens out themselves, e.g. packing images of different sizes into one
+    sequence (vision-language encoders): ``hw`` is a list of per-image grids, the tokens (1, N, C)
+    hold each image's ``num_prefix_tokens`` and patch tokens in turn, and Mona filters each image on
+    its own grid (the attention must keep images apart, e.g. with a block-diagonal ``attn_mask``).
+    ``hw=None`` hands the layout back to the patch embedding's hook.
+
+    Example:
+        >>> monatune.set_token_grid(vit, [(14, 14), (10, 20)], num_prefix_tokens=1)
+        >>> for block in vit.blocks:
+        ...     tokens = block(tokens, attn_mask=block_diagonal)
+        >>> monatune.set_token_grid(vit, None)
+    """
+    grids = [m.__dict__["_monatune_grid"] for m in model.modules() if "_monatune_grid" in m.__dict__]
+    if not grids:
+        raise ValueError("the model has no tuned ViT blocks; apply a method that puts adapters in them first")
+    for grid in grids:
+        grid.pinned = hw is not None
+        if hw is not None:
+            grid.hw = tuple(hw) if isinstance(hw[0], int) else [tuple(g) for g in hw]
+            if num_prefix_tokens is not None:
+                grid.num_prefix_tokens = int(num_prefix_tokens)
 
 
 def detach_token_grid(model: nn.Module) -> None:
