@@ -30,6 +30,7 @@ from __future__ import annotations
 import pickle
 import pickletools
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,6 @@ from typing import IO, Any, Callable, Mapping
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.models import eva, swin_transformer, vision_transformer
 from torch import Tensor, nn
 
 from ..tuning import adapter_modules, classifier_names, get_state, model_name, refresh_pristine
@@ -245,12 +245,13 @@ def detect_format(state_dict: Mapping[str, Tensor], mmlab: bool = False) -> str:
 
 
 def _family_filter(model: nn.Module) -> Callable[[dict, nn.Module], dict]:
-    if isinstance(model, swin_transformer.SwinTransformer):
-        return swin_transformer.checkpoint_filter_fn
-    if isinstance(model, vision_transformer.VisionTransformer):
-        return vision_transformer.checkpoint_filter_fn
-    if isinstance(model, eva.Eva):
-        return eva.checkpoint_filter_fn
+    """timm's ``checkpoint_filter_fn`` of the model's family (it converts the original authors' files: official
+    Swin, ConvNeXt, Hiera, ... to timm names), found from the timm class the model is or was swapped from."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("timm.models."):
+            fn = getattr(sys.modules[cls.__module__], "checkpoint_filter_fn", None)
+            if fn is not None:
+                return fn
     return lambda sd, m: sd
 
 
