@@ -43,7 +43,7 @@ class TunedSamViTBlock(Block, TunedBlockMixin):
     """A timm SAM ViT ``Block`` with adapter slots (class swapped in, never built)."""
 
     def forward(self, x: Tensor) -> Tensor:  # B, H, W, C
-        B, H, W, _ = x.shape
+        H, W = x.shape[1:3]
         y = self.norm1(x)
         pad_hw = None
         if self.window_size > 0:

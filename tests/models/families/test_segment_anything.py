@@ -31,11 +31,12 @@ def make_encoder() -> ImageEncoderViT:
 
 
 def make_sam(cls: type[Sam] = Sam) -> Sam:
+    transformer = TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2)
     return cls(
         make_encoder(),
         PromptEncoder(embed_dim=32, image_embedding_size=(4, 4), input_image_size=(64, 64), mask_in_chans=8),
-        MaskDecoder(transformer_dim=32, transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2),
-                    num_multimask_outputs=3, iou_head_depth=1, iou_head_hidden_dim=16),  # fmt: skip
+        MaskDecoder(transformer_dim=32, transformer=transformer, num_multimask_outputs=3, iou_head_depth=1,
+                    iou_head_hidden_dim=16),  # fmt: skip
     )
 
 
@@ -43,12 +44,15 @@ class TrainableSam(Sam):
     """``Sam.forward`` runs without gradients and keeps only the masks asked for; training runs the same
     parts with gradients and keeps every mask output (so every mask token and hypernetwork is used)."""
 
-    def forward(self, images: list[Tensor], boxes: list[Tensor]) -> list[tuple[Tensor, Tensor]]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, images: list[Tensor], boxes: list[Tensor]
+    ) -> list[tuple[Tensor, Tensor]]:  # per image: masks (N, 4, 16, 16) and their IoU predictions (N, 4)
         embeddings = self.image_encoder(torch.stack([self.preprocess(image) for image in images]))
+        pe = self.prompt_encoder.get_dense_pe()
         out = []
         for embedding, box in zip(embeddings, boxes):
             sparse, dense = self.prompt_encoder(points=None, boxes=box, masks=None)
-            out.append(self.mask_decoder.predict_masks(embedding[None], self.prompt_encoder.get_dense_pe(), sparse, dense))
+            out.append(self.mask_decoder.predict_masks(embedding[None], pe, sparse, dense))
         return out
 
 
