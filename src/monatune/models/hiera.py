@@ -111,7 +111,7 @@ class HieraLayout:
                 f"{'x'.join(map(str, self.grid))} token input; masked inputs (`mask=`, `patch_drop_rate`) drop mask "
                 "units, and Mona needs every token on its grid"
             )
-        return (x if order is None else x.index_select(1, order)).view(B, *size, C)
+        return (x if order is None else x.index_select(1, order)).reshape(B, *size, C)
 
     def to_tokens(self, x: Tensor, block_index: int) -> Tensor:
         """The inverse of :meth:`to_grid`: a map (B, H, W, C) back in the block's token order (B, N, C)."""
@@ -121,7 +121,7 @@ class HieraLayout:
 
     def unroll(self, x: Tensor) -> Tensor:
         """Patch tokens (B, N, C) in row-major grid order into Hiera's unrolled order (timm's ``Unroll``)."""
-        _, _, inverse = self._order(0, x.device)
+        _, _, inverse = self._order(0, x.device)  # block 0 never pools: its order is the unrolled input's
         return x if inverse is None else x.index_select(1, inverse)
 
 
@@ -129,11 +129,10 @@ def attach_hiera_layout(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
     """Give each tuned Hiera block its index and the :class:`HieraLayout` of its model (installed once per model)."""
     pending = {id(b) for b in blocks}
     for hiera in (m for m in model.modules() if isinstance(m, Hiera)):
-        layout = hiera_layout(hiera)
-        for i, block in enumerate(hiera.blocks):
-            if id(block) in pending:
-                block.hiera_layout, block.hiera_index = layout, i
-                pending.discard(id(block))
+        tuned = [(i, block) for i, block in enumerate(hiera.blocks) if id(block) in pending]
+        for i, block in tuned:
+            block.hiera_layout, block.hiera_index = hiera_layout(hiera), i
+            pending.discard(id(block))
     if pending:
         raise ValueError(
             "timm Hiera blocks were tuned outside a timm Hiera model; Mona needs the model's token order, so pass the "
