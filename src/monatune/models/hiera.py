@@ -29,6 +29,13 @@ zero-padded on the right/bottom to a multiple of the size the unrolling and mask
 for the timm variants), the absolute position embedding is resampled to that grid (or, for
 ``*_abswin_*`` models, the window embedding tiled and the global one interpolated, as timm does
 at its native size), and each map is cropped to ``ceil(size / stride)``.
+
+timm's port of SAM 2's image encoder (``timm.models.hieradet_sam2``, ``sam2_hiera_*``,
+``hieradet_small``) is a Hiera whose blocks keep the stream as a channels-last (B, H, W, C) map
+with windowed attention, so no reroll is needed: :class:`TunedHieraDetBlock` has the same slots
+(as :mod:`monatune.models.sam2_hiera` for the ``sam2`` package), and :class:`DenseHieraDet`
+returns its stage maps for any input size (padded to a multiple of 32 for the timm variants, so
+that the window position embedding tiles and every pooling halves the map exactly, then cropped).
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import checkpoint
 from timm.models.hiera import Hiera, HieraBlock, Reroll
+from timm.models.hieradet_sam2 import HieraDet, _calc_pad, window_partition, window_unpartition
+from timm.models.hieradet_sam2 import MultiScaleBlock as HieraDetBlock
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
@@ -48,7 +57,7 @@ from .dense import DenseMixin, create_timm_model, stage_indices
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["HieraLayout", "TunedHieraBlock", "DenseHiera", "attach_hiera_layout", "detach_hiera_layout",
-           "build_dense_hiera"]
+           "build_dense_hiera", "TunedHieraDetBlock", "DenseHieraDet", "build_dense_hieradet"]
 
 
 def _conv_out(size: Sequence[int], conv: nn.Conv2d) -> tuple[int, ...]:
@@ -255,6 +264,80 @@ def build_dense_hiera(name: str, out_indices: Sequence[int] | None, kwargs: dict
     return model
 
 
+class TunedHieraDetBlock(HieraDetBlock, TunedBlockMixin):
+    """A timm ``hieradet_sam2.MultiScaleBlock`` with adapter slots (class swapped in, never built)."""
+
+    def forward(self, x: Tensor) -> Tensor:  # B, H, W, C
+        x = self._attn_branch(x)
+        x = self._adapt("after_attn", x)
+        parallel = self._slot("mlp_parallel")
+        mlp = self._branch("mlp_out", self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
+        x = x + mlp if parallel is None else x + mlp + parallel(x)
+        return self._adapt("after_mlp", x)
+
+    def _attn_branch(self, x: Tensor) -> Tensor:
+        """``shortcut + DropPath(attn_out(LayerScale(attention)))``: timm's forward up to its first residual add."""
+        shortcut = x  # B, H, W, C
+        x = self.norm1(x)
+        if self.dim != self.dim_out:  # project and pool the shortcut
+            shortcut = self.proj(x)
+            if self.pool is not None:
+                shortcut = self.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        window_size = self.window_size
+        H, W = x.shape[1:3]
+        Hp, Wp = H, W
+        if self.is_windowed:
+            Hp, Wp, pad_h, pad_w = _calc_pad(H, W, window_size)
+            x = window_partition(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), window_size)
+        x = self.attn(x)  # window attention, queries pooled at a stage change
+        if self.q_stride is not None:  # the windows shrank with the queries
+            window_size = (self.window_size[0] // self.q_stride[0], self.window_size[1] // self.q_stride[1])
+            H, W = shortcut.shape[1:3]
+            Hp, Wp, _, _ = _calc_pad(H, W, window_size)
+        if self.is_windowed:
+            x = window_unpartition(x, window_size, (Hp, Wp))[:, :H, :W, :].contiguous()
+        return shortcut + self._branch("attn_out", self.ls1(x), self.drop_path1)
+
+
+class DenseHieraDet(HieraDet, DenseMixin):
+    """A timm HieraDet (SAM 2's Hiera) returning its stage maps for any input size (class swapped in).
+
+    ``out_indices``, ``out_channels``, ``strides`` and ``pad_to`` as for :class:`DenseHiera`.
+    """
+
+    pad_to: tuple[int, int]
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":  # type: ignore[override]
+        H, W = x.shape[-2:]
+        x = self._pos_embed(self.patch_embed(self._pad_to_patch(x, self.pad_to)))  # B, H/4, W/4, C
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for i, block in enumerate(self.blocks):
+            x = checkpoint(block, x) if self.grad_checkpointing and self.training else block(x)
+            if i in self.stage_ends and (stage := self.stage_ends.index(i)) in self.out_indices:
+                s = self.strides[stage]
+                out[str(stage)] = self._output(stage, x[:, : -(-H // s), : -(-W // s)])  # B, C_i, H_i, W_i
+        return out
+
+
+def build_dense_hieradet(name: str, out_indices: Sequence[int] | None, kwargs: dict[str, Any]) -> DenseHieraDet:
+    """Dense timm HieraDet: every stage end's output as a map, through a norm per returned stage."""
+    model = create_timm_model(name, pretrained=False, num_classes=0, **kwargs)
+    if type(model) is not HieraDet:
+        raise ValueError(f"{name!r} builds a timm {type(model).__name__}, not a HieraDet")
+    swap_class(model, DenseHieraDet)
+    model.reset_classifier(0, reset_other=True)  # the classifier's norm is not part of the dense backbone
+    indices = stage_indices(out_indices, len(model.stage_ends))
+    model._add_output_norms([model.blocks[e].dim_out for e in model.stage_ends], indices)
+    patch, q = model.patch_embed.proj.stride, model.q_stride
+    pools = [sum(b <= e for b in model.q_pool_blocks) for e in model.stage_ends]
+    model.strides = [patch[0] * q[0] ** n for n in pools]
+    # the window position embedding tiles whole windows, and every pooling halves the map exactly
+    unit = [math.lcm(q[d] ** len(model.q_pool_blocks), model.window_spec[0]) for d in range(2)]
+    model.pad_to = (patch[0] * unit[0], patch[1] * unit[1])
+    model.out_indices = indices
+    return model
+
+
 register_block(BlockRule(
     block=HieraBlock, tuned=TunedHieraBlock, family="timm Hiera",
     slots=("attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp"),
@@ -265,3 +348,11 @@ register_block(BlockRule(
 ))
 register_dense(DenseRule(family="timm Hiera (hiera_*)", timm_modules=("hiera",), build=build_dense_hiera,
                          hierarchical=True))
+register_block(BlockRule(
+    block=HieraDetBlock, tuned=TunedHieraDetBlock, family="timm SAM 2 Hiera (HieraDet)",
+    slots=("attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp"), grid="NHWC map",
+    width=lambda block: block.dim_out,
+    linears={"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"},
+))
+register_dense(DenseRule(family="timm SAM 2 Hiera (sam2_hiera_*, hieradet_*)", timm_modules=("hieradet_sam2",),
+                         build=build_dense_hieradet, hierarchical=True))

@@ -1,4 +1,4 @@
-"""timm Hiera: Mona on the tokens' true grid, every method, the dense backbone at any size."""
+"""timm Hiera and timm's SAM 2 Hiera (HieraDet): Mona on the true grid, every method, dense maps at any size."""
 from __future__ import annotations
 
 import json
@@ -13,16 +13,24 @@ import monatune
 import monatune.cli
 from monatune.adapters.mona import Mona
 from monatune.models.dense import build_dense_backbone
-from monatune.models.hiera import DenseHiera, TunedHieraBlock
+from monatune.models.hiera import DenseHiera, DenseHieraDet, TunedHieraBlock, TunedHieraDetBlock
 
 # stage 1 has a second block (no pooling); stages 0-1 use mask-unit attention, 2-3 global
 TINY = dict(embed_dim=16, num_heads=1, stages=(1, 2, 1, 1), img_size=64)
+# HieraDet: 4x4 windows (2x2 in the last stage), global attention in block 2 (not a pooling block)
+TINY_DET = dict(embed_dim=16, num_heads=1, stages=(1, 2, 1, 1), global_att_blocks=(2,), window_spec=(4, 4, 4, 2))
 METHODS = ["full", "fixed", "bitfit", "norm", "partial-1", "ssf", "lora", "mona", "adapter", "adaptformer", "lorand"]
 
 
 def tiny_hiera(**kwargs) -> torch.nn.Module:
     model = timm.create_model("hiera_tiny_224", pretrained=False, num_classes=3, **{**TINY, **kwargs})
     torch.nn.init.normal_(model.head.fc.weight, std=0.1)  # timm starts it at zero: no gradient would reach the blocks
+    return model
+
+
+def tiny_hieradet() -> torch.nn.Module:
+    model = timm.create_model("sam2_hiera_tiny", pretrained=False, num_classes=3, **TINY_DET)
+    torch.nn.init.normal_(model.head.fc.weight, std=0.1)
     return model
 
 
@@ -83,19 +91,23 @@ def test_tuned_model_is_reroll_mona_unroll():
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("make, tuned", [(tiny_hiera, TunedHieraBlock), (tiny_hieradet, TunedHieraDetBlock)])
 @pytest.mark.parametrize("method", ["mona", "lora"])
-def test_identity_adapters_give_the_original(method):
-    check_identity(tiny_hiera(), torch.randn(2, 3, 64, 64), method)
+def test_identity_adapters_give_the_original(make, tuned, method):
+    model = check_identity(make(), torch.randn(2, 3, 64, 64), method)
+    assert all(isinstance(b, tuned) == (method == "mona") for b in model.blocks)
 
 
+@pytest.mark.parametrize("make", [tiny_hiera, tiny_hieradet])
 @pytest.mark.parametrize("method", METHODS)
-def test_training_step_changes_exactly_the_method_params(method):
-    check_training_step(tiny_hiera, method, torch.randn(2, 3, 64, 64), head=["head"], last_block="blocks.4")
+def test_training_step_changes_exactly_the_method_params(make, method):
+    check_training_step(make, method, torch.randn(2, 3, 64, 64), head=["head"], last_block="blocks.4")
 
 
-def test_vpt_is_refused():
-    with pytest.raises(ValueError, match="vpt needs tokens.*timm Hiera"):
-        monatune.apply(tiny_hiera(), "vpt")
+@pytest.mark.parametrize("make, family", [(tiny_hiera, "timm Hiera"), (tiny_hieradet, "timm SAM 2 Hiera")])
+def test_vpt_is_refused(make, family):
+    with pytest.raises(ValueError, match=f"vpt needs tokens.*{family}"):
+        monatune.apply(make(), "vpt")
 
 
 def test_adapter_round_trip_and_unapply(tmp_path):
@@ -115,19 +127,22 @@ def test_masked_input_is_refused_at_mona():
         model.forward_features(torch.randn(1, 3, 64, 64), mask=mask)
 
 
-@pytest.mark.parametrize("name", ["hiera_tiny_224", "hiera_small_abswin_256"])
-def test_dense_maps_at_strides_for_any_size(name):
-    kwargs = dict(TINY, mask_unit_attn=(True, True, False, False))
+@pytest.mark.parametrize("name, kwargs, cls", [
+    ("hiera_tiny_224", TINY, DenseHiera), ("hiera_small_abswin_256", TINY, DenseHiera),
+    ("sam2_hiera_tiny", TINY_DET, DenseHieraDet),
+])
+def test_dense_maps_at_strides_for_any_size(name, kwargs, cls):
     backbone = build_dense_backbone(name, "mona", model_kwargs=kwargs)
-    assert isinstance(backbone, DenseHiera) and backbone.hierarchical
+    assert isinstance(backbone, cls) and backbone.hierarchical
     check_dense(backbone, [(64, 64), (37, 71), (97, 33)], channels=[16, 32, 64, 128], strides=[4, 8, 16, 32])
 
 
-def test_dense_at_native_size_is_timm_intermediates():
-    """At the model's own size the dense maps are timm's stage-end intermediates through the output norms;
+@pytest.mark.parametrize("name, kwargs", [("hiera_tiny_224", TINY), ("sam2_hiera_tiny", TINY_DET)])
+def test_dense_at_native_size_is_timm_intermediates(name, kwargs):
+    """At a size needing no padding the dense maps are timm's stage-end intermediates through the output norms;
     with identity Mona adapters at an odd size, those of the untuned dense backbone."""
-    backbone = build_dense_backbone("hiera_tiny_224", model_kwargs=TINY, out_indices=[1, 3])
-    reference = timm.create_model("hiera_tiny_224", pretrained=False, num_classes=0, **TINY)
+    backbone = build_dense_backbone(name, model_kwargs=kwargs, out_indices=[1, 3])
+    reference = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     reference.load_state_dict(backbone.state_dict(), strict=False)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -140,11 +155,12 @@ def test_dense_at_native_size_is_timm_intermediates():
     check_identity(backbone, torch.randn(1, 3, 45, 70), "mona")
 
 
-def test_cli_params_counts_the_mona_adapters(capsys):
-    assert monatune.cli.main(["params", "hiera_tiny_224", "--method", "mona", "--json"]) == 0
+@pytest.mark.parametrize("name", ["hiera_tiny_224", "sam2_hiera_tiny"])
+def test_cli_params_counts_the_mona_adapters(name, capsys):
+    assert monatune.cli.main(["params", name, "--method", "mona", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     with torch.device("meta"):
-        model = timm.create_model("hiera_tiny_224", pretrained=False)
+        model = timm.create_model(name, pretrained=False)
     mona = sum(2 * sum(p.numel() for p in Mona(b.dim_out).parameters()) for b in model.blocks)
     assert report["trainable_backbone"] == report["adapter"] == mona
     backbone = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.head.parameters())
