@@ -124,7 +124,8 @@ def attach_patch_grid(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
             patch = embeddings.patch_embeddings
             registers = getattr(embeddings, "register_tokens", None)
             prefix = 1 + (registers.shape[1] if registers is not None else 0)  # class (+ register) tokens
-            grid = PatchGrid(prefix, (patch.image_size[0] // patch.patch_size[0], patch.image_size[1] // patch.patch_size[1]))
+            hw = (patch.image_size[0] // patch.patch_size[0], patch.image_size[1] // patch.patch_size[1])
+            grid = PatchGrid(prefix, hw)
             owner._monatune_grid = grid  # where monatune.set_token_grid finds it
             patch.projection.register_forward_pre_hook(grid)
         block.token_grid = grid

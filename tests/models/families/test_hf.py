@@ -34,17 +34,19 @@ MASK[:, ::3] = True  # masked patches, so that DINOv2-with-registers' mask token
 
 
 def _sam() -> SamVisionModel:
-    return SamVisionModel(SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
-                                          image_size=32, patch_size=8, window_size=3, global_attn_indexes=[1], mlp_dim=64,
-                                          initializer_range=0.02))  # fmt: skip
+    # initializer_range: SAM's default, 1e-10, starts every weight near zero
+    config = SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=32, patch_size=8, window_size=3, global_attn_indexes=[1], mlp_dim=64,
+                             initializer_range=0.02)  # fmt: skip
+    return SamVisionModel(config)
 
 
 #: name -> (make_model, input for the training steps, an input of another size for the identity check, last block).
 FAMILIES = {
     "vit": (lambda: ViTModel(ViTConfig(intermediate_size=64, **TOKENS)), torch.randn(2, 3, 32, 32),
             (torch.randn(1, 3, 40, 48), None, True), "layers.1"),  # interpolate_pos_encoding: a 5 x 6 grid
-    "dinov2": (lambda: Dinov2Model(Dinov2Config(mlp_ratio=2, use_mask_token=False, **TOKENS)), torch.randn(2, 3, 32, 32),
-               torch.randn(1, 3, 40, 48), "encoder.layer.1"),
+    "dinov2": (lambda: Dinov2Model(Dinov2Config(mlp_ratio=2, use_mask_token=False, **TOKENS)),
+               torch.randn(2, 3, 32, 32), torch.randn(1, 3, 40, 48), "encoder.layer.1"),
     "dinov2_registers": (lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2,
                                                                                     **TOKENS)),
                          (torch.randn(2, 3, 32, 32), MASK), torch.randn(1, 3, 40, 48), "encoder.layer.1"),
@@ -140,6 +142,21 @@ def _qkv(state: dict, prefix: str, qkv: str) -> None:
             state[f"{prefix}.{name}.{part}"] = t
 
 
+#: timm block parameter -> transformers layer parameter (Swin and ViT alike; q, k, v are split apart).
+_BLOCK_NAMES = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
+                "attn.relative_position_bias_table": "attention.relative_position_bias.relative_position_bias_table"}
+_VIT_NAMES = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+              "patch_embed.proj": "embeddings.patch_embeddings.projection", "norm": "layernorm"}  # fmt: skip
+
+
+def _rename(rest: str, names: dict) -> str:
+    """``rest`` with its longest prefix found in ``names`` replaced."""
+    for old in sorted(names, key=len, reverse=True):
+        if rest == old or rest.startswith(old + "."):
+            return names[old] + rest[len(old) :]
+    return rest
+
+
 def _timm_swin_to_hf(timm_state: dict) -> dict:
     """timm Swin v1 weights under transformers ``SwinModel`` names. timm's stage i > 0 starts with the patch
     merging that transformers puts at the end of stage i - 1 (both concatenate the 2 x 2 neighbours in the
@@ -149,21 +166,13 @@ def _timm_swin_to_hf(timm_state: dict) -> dict:
         if key.endswith(("relative_position_index", "attn_mask")):
             continue
         parts = key.split(".")
-        if parts[0] == "patch_embed":
-            out[{"proj": "embeddings.patch_embeddings.projection", "norm": "embeddings.norm"}[parts[1]] + "." + parts[2]] = t
-        elif parts[0] == "norm":
-            out[f"layernorm.{parts[1]}"] = t
+        if parts[0] in ("patch_embed", "norm"):
+            out[_rename(key, {"patch_embed.proj": "embeddings.patch_embeddings.projection",
+                              "patch_embed.norm": "embeddings.norm", "norm": "layernorm"})] = t  # fmt: skip
         elif parts[2] == "downsample":
             out[f"encoder.layers.{int(parts[1]) - 1}.downsample.{'.'.join(parts[3:])}"] = t
         else:  # layers.i.blocks.j.<rest>
-            block = f"encoder.layers.{parts[1]}.blocks.{parts[3]}"
-            rest = ".".join(parts[4:])
-            rest = {"norm1.weight": "layernorm_before.weight", "norm1.bias": "layernorm_before.bias",
-                    "norm2.weight": "layernorm_after.weight", "norm2.bias": "layernorm_after.bias",
-                    "attn.proj.weight": "attention.o_proj.weight", "attn.proj.bias": "attention.o_proj.bias",
-                    "attn.relative_position_bias_table": "attention.relative_position_bias.relative_position_bias_table",
-                    }.get(rest, rest)  # fmt: skip
-            out[f"{block}.{rest}"] = t
+            out[f"encoder.layers.{parts[1]}.blocks.{parts[3]}.{_rename('.'.join(parts[4:]), _BLOCK_NAMES)}"] = t
     for key in [k for k in out if k.endswith("attn.qkv.weight")]:
         _qkv(out, key.replace("attn.qkv.weight", "attention"), key[: -len(".weight")])
     return out
@@ -174,46 +183,37 @@ def _timm_vit_to_hf(timm_state: dict) -> dict:
     for key, t in timm_state.items():
         parts = key.split(".")
         if parts[0] == "blocks":
-            rest = ".".join(parts[2:])
-            rest = {"norm1.weight": "layernorm_before.weight", "norm1.bias": "layernorm_before.bias",
-                    "norm2.weight": "layernorm_after.weight", "norm2.bias": "layernorm_after.bias",
-                    "attn.proj.weight": "attention.o_proj.weight", "attn.proj.bias": "attention.o_proj.bias"}.get(rest, rest)  # fmt: skip
-            out[f"layers.{parts[1]}.{rest}"] = t
+            out[f"layers.{parts[1]}.{_rename('.'.join(parts[2:]), _BLOCK_NAMES)}"] = t
         else:
-            out[{"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
-                 "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-                 "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-                 "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}[key]] = t  # fmt: skip
+            out[_rename(key, _VIT_NAMES)] = t
     for key in [k for k in out if k.endswith("attn.qkv.weight")]:
         _qkv(out, key.replace("attn.qkv.weight", "attention"), key[: -len(".weight")])
     return out
 
 
-def _agree(timm_model, hf_model, to_hf, blocks, x, features) -> None:
-    """Same weights -> same features; then Mona with the same (random) adapter weights in each pair of blocks."""
+def _agree(timm_model, hf_model, to_hf, x, features, directory) -> None:
+    """Same weights -> same features; then a Mona adapter trained (here: perturbed) on the timm model, saved, and
+    loaded into the transformers model (block by block, by position) gives the same features there too."""
     missing, unexpected = hf_model.load_state_dict(to_hf(timm_model.state_dict()), strict=False)
     assert not unexpected and not [k for k in missing if "pooler" not in k], (missing, unexpected)
     timm_model.eval(), hf_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(features(hf_model, x), timm_model.forward_features(x), atol=1e-5, rtol=1e-5)
+        plain = features(hf_model, x)
     monatune.apply(timm_model, "mona", bottleneck=8)
-    monatune.apply(hf_model, "mona", bottleneck=8)
     with torch.no_grad():
-        for name, _, adapter in monatune.adapter_modules(timm_model):
+        for _, _, adapter in monatune.adapter_modules(timm_model):
             for p in adapter.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
-        for timm_block, hf_block in blocks:
-            for slot in ("after_attn", "after_mlp"):
-                hf_model.get_submodule(f"{hf_block}.{slot}.default").load_state_dict(
-                    timm_model.get_submodule(f"{timm_block}.{slot}.default").state_dict())
-        expected = timm_model.forward_features(x)
-        got = features(hf_model, x)
-        plain = features(monatune.unapply(copy.deepcopy(hf_model)), x)
+    monatune.save_adapter(timm_model, directory)
+    monatune.load_adapter(hf_model, directory, check_base=False)  # other block names: mapped by position
+    with torch.no_grad():
+        expected, got = timm_model.forward_features(x), features(hf_model, x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-2  # the adapters did something
 
 
-def test_timm_swin_and_transformers_swin_agree_with_and_without_mona():
+def test_timm_swin_and_transformers_swin_agree_with_and_without_mona(tmp_path):
     timm_model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=32,
                                    depths=(2, 2), num_heads=(1, 2), num_classes=0)  # fmt: skip
     with torch.no_grad():  # timm starts the bias tables at zero-ish trunc-normal; make them count
@@ -222,18 +222,16 @@ def test_timm_swin_and_transformers_swin_agree_with_and_without_mona():
                 p.normal_(0, 0.5)
     hf_model = SwinModel(SwinConfig(image_size=56, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[1, 2],
                                     window_size=7))  # fmt: skip
-    blocks = [(f"layers.{i}.blocks.{j}", f"encoder.layers.{i}.blocks.{j}") for i in range(2) for j in range(2)]
-    _agree(timm_model, hf_model, _timm_swin_to_hf, blocks, torch.randn(2, 3, 56, 56),
-           lambda m, x: m(x).last_hidden_state.unflatten(1, (7, 7)))  # timm: (B, H, W, C) after the final norm
+    _agree(timm_model, hf_model, _timm_swin_to_hf, torch.randn(2, 3, 56, 56),
+           lambda m, x: m(x).last_hidden_state.unflatten(1, (7, 7)), tmp_path)  # timm: (B, H, W, C), final norm
 
 
-def test_timm_vit_and_transformers_vit_agree_with_and_without_mona():
+def test_timm_vit_and_transformers_vit_agree_with_and_without_mona(tmp_path):
     timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
                                    depth=2, num_heads=2, mlp_ratio=2.0, num_classes=0)  # fmt: skip
     hf_model = ViTModel(ViTConfig(intermediate_size=64, layer_norm_eps=1e-6, **TOKENS))
-    blocks = [(f"blocks.{i}", f"layers.{i}") for i in range(2)]
-    _agree(timm_model, hf_model, _timm_vit_to_hf, blocks, torch.randn(2, 3, 32, 32),
-           lambda m, x: m(x).last_hidden_state)
+    _agree(timm_model, hf_model, _timm_vit_to_hf, torch.randn(2, 3, 32, 32), lambda m, x: m(x).last_hidden_state,
+           tmp_path)
 
 
 def test_tuned_layers_keep_the_transformers_layer_contract():
