@@ -1,9 +1,10 @@
 """Where the methods go in timm's convolutional networks: ConvNeXt (V1 and V2) and ResNet / ResNeXt.
 
 A convolutional block has one residual add, so it has one Mona, on the stream right after that
-add (slot ``after_block``; the Mona authors' advice for ResNet, Leiyi-HU/mona issue 6). The
-stream is an NCHW map; Mona and the other slot modules run channels-last on ``permute`` views
-(no copy) and their output is permuted back.
+add (slot ``after_block``). The Mona authors, who did not try convolutional networks, suggest
+one Mona after each residual block for ResNet (Leiyi-HU/mona issue 6). The stream is an NCHW
+map; Mona and the other slot modules run channels-last on ``permute`` views (no copy) and
+their output is permuted back.
 
 ConvNeXt (``timm.models.convnext.ConvNeXtBlock``, ``convnext_*`` and ``convnextv2_*``; V2 only
 adds GRN inside the MLP and drops LayerScale)::
@@ -14,25 +15,27 @@ adds GRN inside the MLP and drops LayerScale)::
 
 ``mlp_out`` sits where it sits in a ViT block (after LayerScale, before DropPath): a Houlsby
 adapter or LoRand on the block's branch. ``mlp_parallel`` (AdaptFormer) runs beside the whole
-branch (depthwise convolution and MLP), fed the stream the branch is fed. LoRA adapts the MLP's
-``fc1``/``fc2`` where they are ``nn.Linear`` (``conv_mlp=False``, most models); models built with
-``conv_mlp=True`` (``convnext_atto`` .. ``convnext_nano``, ``convnextv2_atto`` ..) use 1x1
-convolutions there, which LoRA refuses.
+branch (depthwise convolution and MLP), fed the block's input (``shortcut`` is an identity in
+timm's ConvNeXt stages). LoRA adapts the MLP's ``fc1``/``fc2`` where they are ``nn.Linear``
+(``conv_mlp=False``, most models); models built with ``conv_mlp=True`` (``convnext_atto`` ..
+``convnext_nano``, ``convnextv2_atto`` ..) use 1x1 convolutions there, which LoRA refuses.
 
-ResNet (``timm.models.resnet.BasicBlock`` and ``Bottleneck``: ``resnet*``, ``resnext*``,
-``wide_resnet*``, ``seresnet*``, ... every model ``timm.models.resnet`` builds)::
+ResNet (``timm.models.resnet.BasicBlock`` and ``Bottleneck``, which every model of
+``timm.models.resnet`` is built from; tested: ``resnet*``, ``resnet*d``, ``resnext*``,
+``wide_resnet*``, ``seresnet*``, ``ecaresnet*``, ``resnetblur*``)::
 
     y = BN(Conv(... ReLU(BN(Conv(x)))))                 # 2 convolutions (basic) or 3 (bottleneck), SE
     x = ReLU(after_block(downsample(x) + DropPath(y)))  # Mona between the add and the final ReLU
 
-Mona goes between the residual add and the block's final ReLU, not after the ReLU: that is
-"after the residual add" to the letter, it is where Mona sits in Swin and ViT (on the sum
-``x + f(x)``), and the block keeps handing the next block a ReLU output, the non-negative
-stream its pretrained convolutions and BatchNorms were trained on (after the ReLU, Mona's
-residual would add signed values to it). Mona's fused implementation keeps its output for
-backward, so the tuned blocks run that ReLU out of place (timm builds it ``inplace=True``);
-outputs are unchanged. ResNet blocks have no linear layers and no MLP branch, so Mona is the
-only block method: LoRA, adapter, AdaptFormer, LoRand and VPT raise a ValueError.
+Mona goes between the residual add and the block's final ReLU, not after the ReLU (the
+authors' "after the block" allows both): that is "after the residual add" to the letter, it is
+where Mona sits in Swin and ViT (on the sum ``x + f(x)``), and the block keeps handing the next
+block a ReLU output, the non-negative stream its pretrained convolutions and BatchNorms were
+trained on (after the ReLU, Mona's residual would add signed values to it). Mona's fused
+implementation keeps its output for backward, so the tuned blocks run that ReLU out of place
+(timm builds it ``inplace=True``); outputs are unchanged. ResNet blocks have no linear layers and
+no MLP branch, so Mona is the only block method: LoRA, adapter, AdaptFormer, LoRand and VPT
+raise a ValueError.
 
 BatchNorm. A frozen BatchNorm (every method but ``full``, ``norm`` and ``bitfit``, which train
 its affine) stays in eval mode under ``model.train()``: its running statistics never change.
@@ -71,10 +74,12 @@ class _MapBlockMixin(TunedBlockMixin):
     """Slots on an NCHW stream: the adapters see channels-last views."""
 
     def _adapt_map(self, slot: str, x: Tensor) -> Tensor:  # B, C, H, W
+        """The stream through the adapter in ``slot`` (unchanged if the slot is empty)."""
         adapter = self._slot(slot)
         return x if adapter is None else adapter(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def _branch_map(self, slot: str, y: Tensor, drop_path: nn.Module) -> Tensor:  # B, C, H, W
+        """A residual branch through its DropPath and the adapter in ``slot`` (see ``TunedBlockMixin._branch``)."""
         if self._slot(slot) is None:
             return drop_path(y)
         return self._branch(slot, y.permute(0, 2, 3, 1), drop_path).permute(0, 3, 1, 2)

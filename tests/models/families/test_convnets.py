@@ -108,6 +108,8 @@ def test_resnet_final_relu_runs_out_of_place_only_while_tuned():
         (lambda: resnet("wide_resnet50_2", channels=(8, 16, 32, 64)), "mona", SMALL),
         (lambda: resnet("seresnet50", channels=(8, 16, 32, 64)), "mona", SMALL),
         (lambda: resnet("resnet50d", channels=(8, 16, 32, 64)), "mona", SMALL),
+        (lambda: resnet("ecaresnet50d", channels=(8, 16, 32, 64)), "mona", SMALL),
+        (lambda: resnet("resnetblur18"), "mona", SMALL),
     ],
 )
 def test_identity_adapters_keep_the_outputs(make, method, options):
