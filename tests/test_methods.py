@@ -294,13 +294,13 @@ def test_targets_are_for_mona_only():
 
 
 def test_trainability_methods_work_without_block_rules():
-    resnet = timm.create_model("resnet18", pretrained=False, num_classes=3)
-    monatune.apply(resnet, "bitfit")
-    trainable = {n for n, p in resnet.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in resnet.named_parameters() if "bias" in n} | {"fc.weight"}  # BN biases, the head
+    net = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3)
+    monatune.apply(net, "bitfit")
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in net.named_parameters() if "bias" in n} | {"classifier.weight"}  # BN biases, the head
     for method in ("norm", "full", "fixed", "ssf"):
-        model = monatune.apply(timm.create_model("resnet18", pretrained=False, num_classes=3), method)
+        model = monatune.apply(timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3), method)
         model(torch.randn(1, 3, 64, 64)).sum().backward()
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad), method
-    with pytest.raises(ValueError, match="no block rules for ResNet"):
-        monatune.apply(timm.create_model("resnet18", pretrained=False), "adapter")
+    with pytest.raises(ValueError, match="no block rules for MobileNetV3"):
+        monatune.apply(timm.create_model("mobilenetv3_small_050", pretrained=False), "adapter")

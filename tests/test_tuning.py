@@ -193,7 +193,8 @@ def test_deepcopy_of_a_tuned_vit_keeps_its_own_grid():
         (lambda: monatune.apply(tiny_swin(), "mona", targets=r"stage\d"), "matched no module.*layers"),
         (lambda: monatune.apply(tiny_swin(), "mona", targets="(["), "not a valid regular expression"),
         (lambda: monatune.apply(tiny_swin(), "mona", head="classifier"), r"head module\(s\) \['classifier'\] not found"),
-        (lambda: monatune.apply(timm.create_model("resnet18", pretrained=False), "mona"), "no block rules.*Swin.*ViT.*targets"),
+        (lambda: monatune.apply(timm.create_model("mobilenetv3_small_050", pretrained=False), "mona"),
+         "no block rules for MobileNetV3.*Swin.*ViT.*ConvNeXt.*ResNet.*targets"),
         (lambda: monatune.apply(tiny_swin(), "mona", layout="CHW"), "layout"),
     ],
 )

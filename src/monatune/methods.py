@@ -416,6 +416,10 @@ class LoRAOptions(MethodOptions):
             if missing:
                 have = [m for m in _LORA_MODULES if _linear_at(block, rule.linears.get(m)) is not None or
                         (m in "qkv" and fused is not None)]  # fmt: skip
+                if not have:
+                    raise ValueError(f"lora adapts linear projections, which {rule.family} blocks "
+                                     f"({type(block).__name__}) do not have; see the README's table of families and "
+                                     "methods")  # fmt: skip
                 raise ValueError(f"lora: {rule.family} blocks have no {', '.join(missing)} projection; choose "
                                  f"`modules` from {have}")  # fmt: skip
             if qkv_slices and fused is not None:

@@ -50,7 +50,7 @@ __all__ = [
 
 FORMATS = ("auto", "official-swin", "timm", "mmlab", "mmlab-swin", "release")
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # what a checkpoint file is called
-_NOT_IN_DENSE = ("head.", "norm.", "fc_norm.", "head_drop.", "attn_pool.", "neck.")  # not in dense backbones (SAM: its neck)
+_NOT_IN_DENSE = ("head.", "norm.", "fc_norm.", "head_drop.", "attn_pool.", "neck.", "fc.", "norm_pre.")  # classifiers, SAM's neck
 
 
 class UnsafeCheckpointError(ValueError):

@@ -61,18 +61,27 @@ class ConvGrid(TokenGrid):
         )
 
 
-def attach_visual_grid(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
-    """Give ``blocks`` the :class:`ConvGrid` of the image tower around them, kept current by a hook on its
-    ``conv1``; blocks outside an image tower (the text tower's) are refused."""
-    towers = [m for m in model.modules() if isinstance(m, VisionTransformer)]
-    members = [(tower, {id(m) for m in tower.modules()}) for tower in towers]
-    outside = {id(b) for b in blocks if not any(id(b) in ids for _, ids in members)}  # a block comes once per slot
+def _towers(model: nn.Module) -> list[tuple[nn.Module, set[int]]]:
+    return [(m, {id(x) for x in m.modules()}) for m in model.modules() if isinstance(m, VisionTransformer)]
+
+
+def check_image_tower(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """Refuse blocks outside an image tower (a CLIP text tower's), before any method changes the model."""
+    members = _towers(model)
+    outside = {id(b) for b in blocks if not any(id(b) in ids for _, ids in members)}
     if outside:
         raise ValueError(
             f"{type(model).__name__} has {len(outside)} open_clip ResidualAttentionBlock(s) outside an image tower "
             "(open_clip.transformer.VisionTransformer), e.g. a CLIP text tower's; monatune tunes the image tower: "
             "pass it alone, monatune.apply(clip.visual, ...)"
         )
+
+
+def attach_visual_grid(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """Give ``blocks`` the :class:`ConvGrid` of the image tower around them, kept current by a hook on its
+    ``conv1``; blocks outside an image tower (the text tower's) are refused."""
+    check_image_tower(model, blocks)
+    members = _towers(model)
     for block in blocks:
         tower = next(tower for tower, ids in members if id(block) in ids)
         grid = tower.__dict__.get("_monatune_grid")
@@ -167,5 +176,5 @@ register_block(BlockRule(
     slots=("prompt", "attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp"),
     grid="tokens: class token + patch grid, (B, 1 + H*W, C) or (1 + H*W, B, C)",
     width=lambda b: b.ln_1.normalized_shape[0], linears={"fc1": "mlp.c_fc", "fc2": "mlp.c_proj"},
-    attach=attach_visual_grid, detach=detach_visual_grid,
+    attach=attach_visual_grid, detach=detach_visual_grid, check=check_image_tower,
 ))

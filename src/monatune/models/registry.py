@@ -63,6 +63,9 @@ class BlockRule:
         attach: Called once per apply with the model and the newly tuned blocks of this rule, after
             their classes are swapped (e.g. to share the current token grid with them).
         detach: Undoes ``attach`` on the model when no block of this rule is tuned any more.
+        check: Called with the model and its blocks of this rule when a method plans its placement,
+            before anything changes; raises ValueError for blocks the rule cannot tune there (a CLIP
+            text tower's blocks, ViT blocks without a patch embedding around them).
     """
 
     block: type[nn.Module]
@@ -74,6 +77,7 @@ class BlockRule:
     linears: Mapping[str, str] = field(default_factory=dict)
     attach: Callable[[nn.Module, Sequence[nn.Module]], None] | None = None
     detach: Callable[[nn.Module], None] | None = None
+    check: Callable[[nn.Module, Sequence[nn.Module]], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,13 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
             "`targets=<regex of module names>` (and `layout='NCHW'` or 'NHWC'), or use a method that needs no "
             "blocks (full, fixed, bitfit, norm, ssf)"
         )
+    by_rule: dict[int, tuple[BlockRule, list[nn.Module]]] = {}
+    for _, block in blocks:
+        rule = rule_of(block)
+        by_rule.setdefault(id(rule), (rule, []))[1].append(block)
+    for rule, members in by_rule.values():  # refuse blocks a rule cannot tune here, before anything changes
+        if rule.check is not None:
+            rule.check(model, members)
     return blocks
 
 

@@ -63,20 +63,34 @@ def _is_vit(module: nn.Module) -> bool:
     return hasattr(module, "patch_embed") and hasattr(module, "num_prefix_tokens")
 
 
+def _owner(members: list[tuple[nn.Module, set[int]]], block: nn.Module) -> nn.Module | None:
+    """The innermost ViT (of ``members``: each with the ids of its modules) around ``block``."""
+    inside = [(len(ids), owner) for owner, ids in members if id(block) in ids]
+    return min(inside, key=lambda t: t[0])[1] if inside else None
+
+
+def _vits(model: nn.Module) -> list[tuple[nn.Module, set[int]]]:
+    return [(m, {id(x) for x in m.modules()}) for m in model.modules() if _is_vit(m)]
+
+
+def check_token_grid(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """Refuse ViT blocks with no ViT (a module with ``patch_embed`` and ``num_prefix_tokens``) around them."""
+    members = _vits(model)
+    if any(_owner(members, block) is None for block in blocks):
+        raise ValueError(
+            f"{type(model).__name__} has ViT blocks but no `patch_embed`/`num_prefix_tokens` around them; pass "
+            "a timm VisionTransformer / Eva model (or a module holding one, or a monatune dense backbone) "
+            "to monatune.apply"
+        )
+
+
 def attach_token_grid(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
     """Give ``blocks`` the :class:`TokenGrid` of the ViT they belong to (``model`` or the innermost module
     in it with a ``patch_embed`` and ``num_prefix_tokens``), kept current by a hook on its patch embedding."""
-    owners = [m for m in model.modules() if _is_vit(m)]
-    members = [(owner, {id(m) for m in owner.modules()}) for owner in owners]
+    check_token_grid(model, blocks)
+    members = _vits(model)
     for block in blocks:
-        inside = [owner for owner, ids in members if id(block) in ids]
-        if not inside:
-            raise ValueError(
-                f"{type(model).__name__} has ViT blocks but no `patch_embed`/`num_prefix_tokens` around them; pass "
-                "a timm VisionTransformer / Eva model (or a module holding one, or a monatune dense backbone) "
-                "to monatune.apply"
-            )
-        owner = min(inside, key=lambda o: sum(1 for _ in o.modules()))  # the innermost
+        owner = _owner(members, block)
         grid = owner.__dict__.get("_monatune_grid")
         if grid is None:
             grid = TokenGrid(int(owner.num_prefix_tokens), tuple(owner.patch_embed.grid_size))
@@ -116,6 +130,8 @@ def set_token_grid(
 def detach_token_grid(model: nn.Module) -> None:
     """Undo :func:`attach_token_grid`."""
     for owner in list(model.modules()):
+        if not _is_vit(owner):  # other families keep their grids on their own towers
+            continue
         grid = owner.__dict__.pop("_monatune_grid", None)
         if grid is None:
             continue
@@ -220,14 +236,14 @@ register_block(BlockRule(
     block=Block, tuned=TunedViTBlock, family="timm ViT / DeiT / DINOv2 / CLIP",
     slots=("prompt", "attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp"),
     grid="tokens: prefix + patch grid (B, N, C)", linears=_VIT_LINEARS,
-    attach=attach_token_grid, detach=detach_token_grid,
+    attach=attach_token_grid, detach=detach_token_grid, check=check_token_grid,
 ))
 register_block(BlockRule(
     block=EvaBlock, tuned=TunedEvaBlock, family="timm EVA (incl. DINOv3)",
     slots=("attn_out", "after_attn", "mlp_parallel", "mlp_out", "after_mlp"),
     grid="tokens: prefix + patch grid (B, N, C)",
     linears={**_VIT_LINEARS, "q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj"},  # fused or not
-    attach=attach_token_grid, detach=detach_token_grid,
+    attach=attach_token_grid, detach=detach_token_grid, check=check_token_grid,
 ))
 register_dense(DenseRule(family="timm ViT/DeiT/DINOv2 (vit_*, deit_*), timm EVA (eva*)",
                          timm_modules=("vision_transformer", "deit", "eva"), build=build_dense_vit, hierarchical=False))

@@ -11,6 +11,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import ResidualAttentionBlock, Transformer, VisionTransformer
 
 import monatune
+from monatune.models.base import TunedBlockMixin
 from monatune.methods import METHODS
 from monatune.models.open_clip_tower import ConvGrid
 
@@ -118,8 +119,11 @@ def test_the_grid_follows_the_image_size_and_leaves_with_the_adapters():
 def test_a_clip_model_is_refused_its_image_tower_tunes():
     clip = make_clip()
     refused = r"CLIP has 2 open_clip ResidualAttentionBlock\(s\) outside an image tower .*apply\(clip.visual, ...\)"
-    with pytest.raises(ValueError, match=refused):
-        monatune.apply(clip, "mona")
+    for method in ("mona", "lora", "partial-1", "adapter", "vpt"):  # refused while planning: nothing changed
+        with pytest.raises(ValueError, match=refused):
+            monatune.apply(clip, method)
+        assert not monatune.is_tuned(clip) and all(p.requires_grad for p in clip.parameters())
+        assert not any(isinstance(m, TunedBlockMixin) for m in clip.modules())
     clip = make_clip()
     monatune.apply(clip.visual, "mona", bottleneck=8)
     assert all(type(b) is ResidualAttentionBlock for b in clip.transformer.resblocks)  # the text tower
