@@ -130,5 +130,5 @@ def test_vit_dense_backbone_any_size(name, kwargs, prefix):
 def test_unknown_architectures():
     with pytest.raises(ValueError, match="unknown timm model 'swin_huge'"):
         monatune.build_dense_backbone("swin_huge")
-    with pytest.raises(ValueError, match="resnet18.*families dense backbones are built for"):
-        monatune.build_dense_backbone("resnet18")
+    with pytest.raises(ValueError, match="mobilenetv3_small_050.*families dense backbones are built for"):
+        monatune.build_dense_backbone("mobilenetv3_small_050")
