@@ -52,13 +52,21 @@ class TunedBlockMixin:
         adapter = self._slot(slot)
         return x if adapter is None else adapter(x, **kwargs)
 
-    def _branch(self, slot: str, y: Tensor, drop_path: nn.Module) -> Tensor:
+    def _branch(self, slot: str, y: Tensor, drop_path: nn.Module | None) -> Tensor:
         """A residual branch ``y`` through its DropPath and the adapter in ``slot``: ``drop_path(adapter(y))``,
-        or ``adapter(drop_path(y))`` for an adapter whose ``after_drop_path`` is set."""
+        or ``adapter(drop_path(y))`` for an adapter whose ``after_drop_path`` is set (None: no DropPath)."""
         adapter = self._slot(slot)
+        if drop_path is None:
+            return y if adapter is None else adapter(y)
         if adapter is None:
             return drop_path(y)
         return adapter(drop_path(y)) if getattr(adapter, "after_drop_path", False) else drop_path(adapter(y))
+
+    def _mlp_residual(self, x: Tensor, branch: Tensor, drop_path: nn.Module | None) -> Tensor:
+        """The MLP's residual add with its slots: ``x + DropPath(mlp_out(branch)) + mlp_parallel(x)``."""
+        parallel = self._slot("mlp_parallel")
+        y = self._branch("mlp_out", branch, drop_path)
+        return x + y if parallel is None else x + y + parallel(x)
 
 
 def swap_class(module: nn.Module, tuned_cls: type) -> None:

@@ -63,7 +63,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import DenseMixin, create_timm_model, stage_indices
+from .dense import DenseMixin, create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["TunedConvNeXtBlock", "TunedBasicBlock", "TunedBottleneck", "DenseConvNeXt", "DenseResNet",
@@ -239,10 +239,8 @@ def build_dense_convnext(name: str, out_indices: Sequence[int] | None, kwargs: d
     swap_class(model, DenseConvNeXt)
     model.norm_pre = nn.Identity()  # the classifier's norms (and MLP) are not part of the dense backbone
     model.head.reset(0, reset_other=True)
-    indices = stage_indices(out_indices, len(model.feature_info))  # one entry per stage
-    model._add_output_norms([info["num_chs"] for info in model.feature_info], indices)
-    model.strides = [info["reduction"] for info in model.feature_info]
-    model.out_indices = indices
+    model._describe_stages([i["num_chs"] for i in model.feature_info], [i["reduction"] for i in model.feature_info],
+                           out_indices)  # fmt: skip
     return model
 
 
@@ -253,9 +251,7 @@ def build_dense_resnet(name: str, out_indices: Sequence[int] | None, kwargs: dic
         raise ValueError(f"{name!r} builds a timm {type(model).__name__}, not a ResNet")
     swap_class(model, DenseResNet)
     stages = model.feature_info[1:]  # feature_info[0] is the stem
-    model.out_indices = stage_indices(out_indices, len(stages))
-    model.out_channels = [info["num_chs"] for info in stages]
-    model.strides = [info["reduction"] for info in stages]
+    model._describe_stages([i["num_chs"] for i in stages], [i["reduction"] for i in stages], out_indices, norms=False)
     return model
 
 

@@ -29,7 +29,9 @@ from torch import Tensor, nn
 
 from .registry import dense_rule, supported_families
 
-__all__ = ["build_dense_backbone", "create_timm_model", "is_hierarchical", "DenseMixin", "stage_indices", "block_indices"]
+__all__ = [
+    "build_dense_backbone", "create_timm_model", "is_hierarchical", "DenseMixin", "stage_indices", "block_indices",
+]
 
 
 class DenseMixin:
@@ -47,6 +49,19 @@ class DenseMixin:
             if indices is None or i in indices:
                 self.add_module(f"norm{i}", nn.LayerNorm(c))  # type: ignore[attr-defined]
         self.out_channels = list(channels)
+
+    def _describe_stages(
+        self, channels: Sequence[int], strides: Sequence[int], out_indices: Sequence[int] | None, *, norms: bool = True
+    ) -> None:
+        """A hierarchical backbone's stages: ``out_indices`` picks the maps returned (:func:`stage_indices`), each
+        through an output norm ``norm{i}`` unless ``norms`` is False; ``out_channels`` and ``strides`` describe
+        every stage."""
+        indices = stage_indices(out_indices, len(channels))
+        if norms:
+            self._add_output_norms(channels, indices)
+        self.out_channels = list(channels)
+        self.strides = list(strides)
+        self.out_indices = indices
 
     def _pad_to_patch(self, x: Tensor, patch: Sequence[int] | None = None) -> Tensor:
         ph, pw = patch or self.patch_embed.patch_size  # type: ignore[attr-defined]

@@ -87,7 +87,6 @@ __all__ = [
 
 #: The embeddings whose ``patch_embeddings.projection`` gives the token grid of ViT / DINOv2 layers.
 TOKEN_EMBEDDINGS = (ViTEmbeddings, Dinov2Embeddings, Dinov2WithRegistersEmbeddings)
-_NO_DROP_PATH = nn.Identity()  # branches transformers applies no DropPath to
 
 
 class PatchGrid(TokenGrid):
@@ -149,11 +148,9 @@ def detach_patch_grid(model: nn.Module) -> None:
 
 
 class _LayerMixin(TunedBlockMixin):
-    def _mlp_half(self, x: Tensor, branch: Tensor, drop_path: nn.Module, **grid: Any) -> Tensor:
+    def _mlp_half(self, x: Tensor, branch: Tensor, drop_path: nn.Module | None, **grid: Any) -> Tensor:
         """``x + drop_path(mlp_out(branch)) + mlp_parallel(x)``, then ``after_mlp``."""
-        parallel = self._slot("mlp_parallel")
-        y = self._branch("mlp_out", branch, drop_path)
-        x = x + y if parallel is None else x + y + parallel(x)
+        x = self._mlp_residual(x, branch, drop_path)
         return self._adapt("after_mlp", x, **grid)
 
 
@@ -187,9 +184,9 @@ class TunedViTLayer(ViTLayer, _TokenLayerMixin):
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         x, prompt = self._enter_prompts(hidden_states, attention_mask)
         y, _ = self.attention(self.layernorm_before(x), attention_mask, **kwargs)
-        x = x + self._branch("attn_out", self.dropout(y), _NO_DROP_PATH)
+        x = x + self._branch("attn_out", self.dropout(y), None)
         x = self._adapt("after_attn", x, **self._grid())
-        x = self._mlp_half(x, self.dropout(self.mlp(self.layernorm_after(x))), _NO_DROP_PATH, **self._grid())
+        x = self._mlp_half(x, self.dropout(self.mlp(self.layernorm_after(x))), None, **self._grid())
         return self._leave_prompts(x, prompt)
 
 
@@ -241,7 +238,7 @@ class TunedSwinLayer(SwinLayer, _LayerMixin):
         hw = (height, width)
         x = hidden_states + self._branch("attn_out", y, self.drop_path)
         x = self._adapt("after_attn", x, hw=hw)
-        x = self._mlp_half(x, self.dropout(self.mlp(self.layernorm_after(x))), _NO_DROP_PATH, hw=hw)
+        x = self._mlp_half(x, self.dropout(self.mlp(self.layernorm_after(x))), None, hw=hw)
         return x, attn_weights
 
 
@@ -288,9 +285,9 @@ class TunedSamVisionLayer(SamVisionLayer, _LayerMixin):
         y, _ = self.attn(hidden_states=y)
         if self.window_size > 0:
             y = self.window_unpartition(y, self.window_size, padding_shape, (height, width))
-        x = hidden_states + self._branch("attn_out", y, _NO_DROP_PATH)
+        x = hidden_states + self._branch("attn_out", y, None)
         x = self._adapt("after_attn", x)
-        return self._mlp_half(x, self.mlp(self.layer_norm2(x)), _NO_DROP_PATH)
+        return self._mlp_half(x, self.mlp(self.layer_norm2(x)), None)
 
 
 _SEPARATE_QKV = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "proj": "attention.o_proj",

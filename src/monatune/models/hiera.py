@@ -53,7 +53,7 @@ from timm.models.hieradet_sam2 import MultiScaleBlock as HieraDetBlock
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import DenseMixin, create_timm_model, stage_indices
+from .dense import DenseMixin, create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["HieraLayout", "TunedHieraBlock", "DenseHiera", "attach_hiera_layout", "detach_hiera_layout",
@@ -192,9 +192,7 @@ class TunedHieraBlock(HieraBlock, TunedBlockMixin):
                 ], dim=-1)  # fmt: skip
         x = x + self._branch("attn_out", self.ls1(self.attn(x_norm)), self.drop_path1)
         x = self._adapt_on_grid("after_attn", x)
-        parallel = self._slot("mlp_parallel")
-        mlp = self._branch("mlp_out", self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
-        x = x + mlp if parallel is None else x + mlp + parallel(x)
+        x = self._mlp_residual(x, self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
         return self._adapt_on_grid("after_mlp", x)
 
     def _adapt_on_grid(self, slot: str, x: Tensor) -> Tensor:
@@ -251,16 +249,12 @@ def build_dense_hiera(name: str, out_indices: Sequence[int] | None, kwargs: dict
     swap_class(model, DenseHiera)
     model.reset_classifier(0, reset_other=True)  # the classifier's norm is not part of the dense backbone
     layout = hiera_layout(model)
-    stages = len(model.stage_ends)
-    indices = stage_indices(out_indices, stages)
-    model._add_output_norms([model.blocks[e].dim_out for e in model.stage_ends], indices)
     stride = model.patch_stride
-    sizes = [layout.size(e) for e in model.stage_ends]
-    model.strides = [stride[0] * model.tokens_spatial_shape[0] // size[0] for size in sizes]
+    strides = [stride[0] * model.tokens_spatial_shape[0] // layout.size(e)[0] for e in model.stage_ends]
+    model._describe_stages([model.blocks[e].dim_out for e in model.stage_ends], strides, out_indices)
     # the token grid must split by every unroll stride and into whole mask units
     unit = [math.lcm(math.prod(s[d] for s in layout.schedule), model.mask_unit_size[d]) for d in range(2)]
     model.pad_to = (stride[0] * unit[0], stride[1] * unit[1])
-    model.out_indices = indices
     return model
 
 
@@ -270,9 +264,7 @@ class TunedHieraDetBlock(HieraDetBlock, TunedBlockMixin):
     def forward(self, x: Tensor) -> Tensor:  # B, H, W, C
         x = self._attn_branch(x)
         x = self._adapt("after_attn", x)
-        parallel = self._slot("mlp_parallel")
-        mlp = self._branch("mlp_out", self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
-        x = x + mlp if parallel is None else x + mlp + parallel(x)
+        x = self._mlp_residual(x, self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
         return self._adapt("after_mlp", x)
 
     def _attn_branch(self, x: Tensor) -> Tensor:
@@ -326,15 +318,13 @@ def build_dense_hieradet(name: str, out_indices: Sequence[int] | None, kwargs: d
         raise ValueError(f"{name!r} builds a timm {type(model).__name__}, not a HieraDet")
     swap_class(model, DenseHieraDet)
     model.reset_classifier(0, reset_other=True)  # the classifier's norm is not part of the dense backbone
-    indices = stage_indices(out_indices, len(model.stage_ends))
-    model._add_output_norms([model.blocks[e].dim_out for e in model.stage_ends], indices)
     patch, q = model.patch_embed.proj.stride, model.q_stride
     pools = [sum(b <= e for b in model.q_pool_blocks) for e in model.stage_ends]
-    model.strides = [patch[0] * q[0] ** n for n in pools]
+    model._describe_stages([model.blocks[e].dim_out for e in model.stage_ends], [patch[0] * q[0] ** n for n in pools],
+                           out_indices)  # fmt: skip
     # the window position embedding tiles whole windows, and every pooling halves the map exactly
     unit = [math.lcm(q[d] ** len(model.q_pool_blocks), model.window_spec[0]) for d in range(2)]
     model.pad_to = (patch[0] * unit[0], patch[1] * unit[1])
-    model.out_indices = indices
     return model
 
 

@@ -45,7 +45,6 @@ from .vit import TokenGrid
 
 __all__ = ["ConvGrid", "TunedResidualAttentionBlock", "attach_visual_grid", "detach_visual_grid"]
 
-_NO_DROP_PATH = nn.Identity()  # open_clip's blocks have no DropPath
 
 
 class ConvGrid(TokenGrid):
@@ -130,11 +129,9 @@ class TunedResidualAttentionBlock(ResidualAttentionBlock, TunedBlockMixin):
                 raise ValueError("VPT prompts join self-attention without a mask; this block got an attn_mask or k_x")
             x = self._insert(x, prompt.enter(x.shape[self._batch_dim], x))
         x = x + self._branch("attn_out", self.ls_1(self.attention(q_x=self.ln_1(x), k_x=k_x, v_x=v_x,
-                                                                  attn_mask=attn_mask)), _NO_DROP_PATH)  # fmt: skip
+                                                                  attn_mask=attn_mask)), None)  # fmt: skip
         x = self._adapt_tokens("after_attn", x)
-        parallel = self._slot("mlp_parallel")
-        y = self._branch("mlp_out", self.ls_2(self.mlp(self.ln_2(x))), _NO_DROP_PATH)
-        x = x + y if parallel is None else x + y + parallel(x)
+        x = self._mlp_residual(x, self.ls_2(self.mlp(self.ln_2(x))), None)
         x = self._adapt_tokens("after_mlp", x)
         if prompt is not None:
             x, prompts = self._remove(x, prompt.num_tokens)

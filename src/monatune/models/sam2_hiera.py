@@ -37,9 +37,7 @@ class TunedSam2HieraBlock(MultiScaleBlock, TunedBlockMixin):
     def forward(self, x: Tensor) -> Tensor:  # B, H, W, C
         x = self._attn_branch(x)
         x = self._adapt("after_attn", x)
-        parallel = self._slot("mlp_parallel")
-        mlp = self._branch("mlp_out", self.mlp(self.norm2(x)), self.drop_path)
-        x = x + mlp if parallel is None else x + mlp + parallel(x)
+        x = self._mlp_residual(x, self.mlp(self.norm2(x)), self.drop_path)
         return self._adapt("after_mlp", x)
 
     def _attn_branch(self, x: Tensor) -> Tensor:

@@ -52,9 +52,7 @@ class TunedSamViTBlock(Block, TunedBlockMixin):
         if self.window_size > 0:
             y = window_unpartition(y, self.window_size, (H, W), pad_hw)  # B, H, W, C
         x = self._adapt("after_attn", x + y)
-        parallel = self._slot("mlp_parallel")
-        mlp = self._branch("mlp_out", self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
-        x = x + mlp if parallel is None else x + mlp + parallel(x)
+        x = self._mlp_residual(x, self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
         return self._adapt("after_mlp", x)
 
 

@@ -44,9 +44,7 @@ class TunedSamBlock(Block, TunedBlockMixin):
         if self.window_size > 0:
             y = window_unpartition(y, self.window_size, pad_hw, (H, W))  # B, H, W, C
         x = self._adapt("after_attn", x + self._adapt("attn_out", y))
-        parallel = self._slot("mlp_parallel")
-        mlp = self._adapt("mlp_out", self.mlp(self.norm2(x)))
-        x = x + mlp if parallel is None else x + mlp + parallel(x)
+        x = self._mlp_residual(x, self.mlp(self.norm2(x)), None)
         return self._adapt("after_mlp", x)
 
 

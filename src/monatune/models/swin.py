@@ -41,7 +41,7 @@ from timm.models.swin_transformer import (
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import DenseMixin, create_timm_model, stage_indices
+from .dense import DenseMixin, create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["TunedSwinBlock", "DenseSwin", "build_dense_swin", "freeze_stages", "release_shift_mask",
@@ -99,9 +99,7 @@ class TunedSwinBlock(SwinTransformerBlock, TunedBlockMixin):
         y, prompt_out = attn(self.norm1(x), None if tokens is None else self.norm1(tokens))
         x = x + self._branch("attn_out", y, self.drop_path1)
         x = self._adapt("after_attn", x)
-        parallel = self._slot("mlp_parallel")
-        mlp = self._branch("mlp_out", self.mlp(self.norm2(x)), self.drop_path2)
-        x = x + mlp if parallel is None else x + mlp + parallel(x)
+        x = self._mlp_residual(x, self.mlp(self.norm2(x)), self.drop_path2)
         x = self._adapt("after_mlp", x)
         if prompt is not None and prompt.carries:  # shallow VPT: the prompts go through the block too
             tokens = tokens + self.drop_path1(prompt_out)
@@ -192,10 +190,8 @@ def build_dense_swin(name: str, out_indices: Sequence[int] | None, kwargs: dict[
             swap_class(block, TunedSwinBlock)
             block.release_windows = True
     model.norm = nn.Identity()  # the classifier's final norm is not part of the dense backbone
-    indices = stage_indices(out_indices, len(model.layers))
-    model._add_output_norms([info["num_chs"] for info in model.feature_info], indices)
-    model.strides = [info["reduction"] for info in model.feature_info]
-    model.out_indices = indices
+    model._describe_stages([i["num_chs"] for i in model.feature_info], [i["reduction"] for i in model.feature_info],
+                           out_indices)  # fmt: skip
     return model
 
 

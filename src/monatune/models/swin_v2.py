@@ -35,7 +35,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import DenseMixin, create_timm_model, stage_indices
+from .dense import DenseMixin, create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["TunedSwinV2Block", "DenseSwinV2", "build_dense_swin_v2"]
@@ -47,9 +47,7 @@ class TunedSwinV2Block(SwinTransformerV2Block, TunedBlockMixin):
     def forward(self, x: Tensor) -> Tensor:  # B, H, W, C
         x = x + self._branch("attn_out", self.norm1(self._attn(x)), self.drop_path1)
         x = self._adapt("after_attn", x)
-        parallel = self._slot("mlp_parallel")
-        mlp = self._branch("mlp_out", self.norm2(self.mlp(x)), self.drop_path2)
-        x = x + mlp if parallel is None else x + mlp + parallel(x)
+        x = self._mlp_residual(x, self.norm2(self.mlp(x)), self.drop_path2)
         return self._adapt("after_mlp", x)
 
 
@@ -77,10 +75,8 @@ def build_dense_swin_v2(name: str, out_indices: Sequence[int] | None, kwargs: di
         raise ValueError(f"{name!r} builds a timm {type(model).__name__}, not a SwinTransformerV2")
     swap_class(model, DenseSwinV2)
     model.norm = nn.Identity()  # the classifier's final norm is not part of the dense backbone
-    indices = stage_indices(out_indices, len(model.layers))
-    model._add_output_norms([info["num_chs"] for info in model.feature_info], indices)
-    model.strides = [info["reduction"] for info in model.feature_info]
-    model.out_indices = indices
+    model._describe_stages([i["num_chs"] for i in model.feature_info], [i["reduction"] for i in model.feature_info],
+                           out_indices)  # fmt: skip
     return model
 
 

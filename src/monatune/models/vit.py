@@ -151,9 +151,7 @@ class _TokenBlockMixin(TunedBlockMixin):
 
     def _mlp_half(self, x: Tensor, branch: Tensor) -> Tensor:
         """``x + DropPath(mlp_out(branch)) + mlp_parallel(x)``, then ``after_mlp``."""
-        parallel = self._slot("mlp_parallel")
-        y = self._branch("mlp_out", branch, self.drop_path2)
-        x = x + y if parallel is None else x + y + parallel(x)
+        x = self._mlp_residual(x, branch, self.drop_path2)
         return self._adapt_tokens("after_mlp", x)
 
 
