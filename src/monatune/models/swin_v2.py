@@ -28,7 +28,6 @@ shift), so pretrained weights see the windows they were trained with.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Sequence
 
 from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
 from .dense import DenseMixin, create_timm_model
+from .swin import DenseSwin
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["TunedSwinV2Block", "DenseSwinV2", "build_dense_swin_v2"]
@@ -58,14 +58,7 @@ class DenseSwinV2(SwinTransformerV2, DenseMixin):
     ``out_channels`` and ``strides`` describe every stage, returned or not.
     """
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":  # type: ignore[override]
-        x = self.patch_embed(self._pad_to_patch(x))  # B, H/4, W/4, C
-        out: OrderedDict[str, Tensor] = OrderedDict()
-        for i, stage in enumerate(self.layers):
-            x = stage(x)
-            if i in self.out_indices:
-                out[str(i)] = self._output(i, x)  # B, C_i, H_i, W_i
-        return out
+    forward = DenseSwin.forward  # the same stages on an NHWC map as Swin v1
 
 
 def build_dense_swin_v2(name: str, out_indices: Sequence[int] | None, kwargs: dict[str, Any]) -> DenseSwinV2:
