@@ -86,6 +86,27 @@ class KillAfter(L.Callback):
         timer.start()
 
 
+class KillAfterStepCheckpoint(L.Callback):
+    """SIGKILL this process right after the resumable checkpoint's save at the end of step ``step``, before
+    Lightning writes that step's row of metrics.csv."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        from monatune.engine.resume import ResumeCheckpoint
+
+        checkpoint = next(c for c in trainer.callbacks if isinstance(c, ResumeCheckpoint))
+        save = checkpoint._save_checkpoint
+
+        def save_then_kill(trainer: L.Trainer, filepath: str) -> None:
+            save(trainer, filepath)
+            if trainer.global_step == self.step + 1 and trainer.training:  # the save after step `step`
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint._save_checkpoint = save_then_kill
+
+
 class SignalAtTestBatch(L.Callback):
     """Send ``signal`` to this process at the first test batch."""
 

@@ -61,6 +61,18 @@ def test_kill_9_during_an_epochs_validation_resumes_with_that_validation(fitted_
     _assert_same_as_reference(run_dir, fitted_run)
 
 
+def test_kill_9_between_a_step_checkpoint_and_its_metrics_row_resumes_with_every_row(fitted_run, configs, tmp_path):
+    """The save after step 6 (every 2 steps; 5 steps an epoch) is put in place only once step 6's metrics row is
+    written: killed in between, the run resumes from the epoch-end save after step 5 and redoes step 6."""
+    run_dir = tmp_path / "run"
+    killed, args = _run_with("KillAfterStepCheckpoint", {"step": 5}, configs, tmp_path, run_dir)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 5
+    assert run_main(*args, "--resume") == 0
+    assert not list((run_dir / "checkpoints").glob("*.pending"))
+    _assert_same_as_reference(run_dir, fitted_run)
+
+
 def test_kill_9_at_random_moments_then_resume_ends_where_an_uninterrupted_fit_ends(fitted_run, configs, tmp_path):
     """Three runs killed at random moments of training (a step, a checkpoint or adapter save, validation)."""
     seconds = json.loads((fitted_run / "results.json").read_text())["fit_seconds"]
