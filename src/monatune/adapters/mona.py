@@ -33,8 +33,9 @@ whole model):
   dropout mask; it recovers the input as ``out - up(h)`` and recomputes the other bottleneck
   maps and the normalised input. Pure PyTorch: no compiled extension.
 - ``"plain"``: the same assembled kernel written as ordinary autograd operations. Used under
-  autocast, inside ``torch.compile`` (so the compiler sees plain operations, no graph
-  break), for double backward, and as the reference of the fused path's tests.
+  autocast, inside ``torch.compile`` and ``torch.export`` (so the compiler sees plain operations,
+  no graph break), under ``torch.jit.trace`` and both ONNX exporters, for double backward, and as
+  the reference of the fused path's tests.
 - ``"release"``: the release's structure (three convolutions, separate projector skip, an
   NCHW view), kept so that benchmarks measure the speed-up over it.
 
@@ -300,7 +301,7 @@ class Mona(nn.Module):
             x: Either a channels-last map (B, H, W, C), or tokens (B, N, C) with
                 N = num_prefix_tokens + H * W, the prefix tokens first.
             hw: Grid size (H, W) of the patch tokens; required for token input. A list of grid sizes
-                means packed tokens: the images' sequences one after another along N (each its
+                (``[(H1, W1), (H2, W2), ...]``) means packed tokens: the images' sequences one after another along N (each its
                 ``num_prefix_tokens`` then its H_i * W_i patch tokens), as encoders that pack
                 images of different sizes into one sequence hold them; each image is filtered on
                 its own grid.
@@ -309,7 +310,7 @@ class Mona(nn.Module):
         Returns:
             A tensor shaped like ``x``.
         """
-        if hw is not None and len(hw) and not isinstance(hw[0], int):
+        if isinstance(hw, list):  # packed images; a single grid is a tuple (of ints, or of traced sizes)
             return self._packed(x, [tuple(g) for g in hw], num_prefix_tokens)
         if x.ndim == 4:
             hw, P = (x.shape[1], x.shape[2]), 0
@@ -330,7 +331,9 @@ class Mona(nn.Module):
         p = self.dropout.p
         if self.training and p > 0:
             keep = _keep_mask((*x.shape[:-1], self.project1.out_features), p, x.device)
-        if self.impl == "release":
+        if self.impl == "release" or torch.onnx.is_in_onnx_export():
+            # the TorchScript ONNX exporter cannot give a convolution a kernel computed in the graph (the
+            # assembled one): it gets the release's three convolutions, whose kernels are parameters
             return self._release(x, tuple(hw), P, keep)
         if self.impl == "fused" and self._can_fuse(x):
             return self._fused(x, tuple(hw), P, keep)
@@ -347,7 +350,11 @@ class Mona(nn.Module):
         return torch.cat([self.forward(t, hw=g, num_prefix_tokens=P) for t, g in zip(parts, grids)], dim=1)
 
     def _can_fuse(self, x: Tensor) -> bool:
-        if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        """The fused autograd function runs only in eager mode: graph capture (torch.compile, torch.export,
+        the dynamo ONNX exporter) and tracing (torch.jit.trace, the TorchScript ONNX exporter, which cannot
+        record a Python autograd function) get the plain operations, and so does autocast."""
+        capturing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        if capturing or torch.onnx.is_in_onnx_export() or torch.is_autocast_enabled(x.device.type):
             return False
         return x.dtype in (torch.float32, torch.float64) and x.dtype == self.project1.weight.dtype
 

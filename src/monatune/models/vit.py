@@ -122,7 +122,7 @@ def set_token_grid(
     for grid in grids:
         grid.pinned = hw is not None
         if hw is not None:
-            grid.hw = tuple(hw) if isinstance(hw[0], int) else [tuple(g) for g in hw]
+            grid.hw = [tuple(g) for g in hw] if isinstance(hw[0], (tuple, list)) else tuple(hw)
             if num_prefix_tokens is not None:
                 grid.num_prefix_tokens = int(num_prefix_tokens)
 
