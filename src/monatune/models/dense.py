@@ -63,6 +63,13 @@ class DenseMixin:
         self.strides = list(strides)
         self.out_indices = indices
 
+    def _describe_blocks(self, out_indices: Sequence[int] | None) -> None:
+        """A plain ViT's maps: the blocks ``out_indices`` picks (:func:`block_indices`), each through an output
+        norm, all of the model's width at the patch stride."""
+        self.out_indices = block_indices(out_indices, len(self.blocks))  # type: ignore[attr-defined]
+        self._add_output_norms([self.embed_dim] * len(self.out_indices))  # type: ignore[attr-defined]
+        self.strides = [self.patch_embed.feat_ratio()] * len(self.out_indices)  # type: ignore[attr-defined]
+
     def _pad_to_patch(self, x: Tensor, patch: Sequence[int] | None = None) -> Tensor:
         ph, pw = patch or self.patch_embed.patch_size  # type: ignore[attr-defined]
         H, W = x.shape[-2:]

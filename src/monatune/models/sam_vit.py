@@ -32,7 +32,7 @@ from timm.models.vision_transformer_sam import Block, VisionTransformerSAM, wind
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import block_indices, create_timm_model
+from .dense import create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 from .vit import _DenseTokens
 
@@ -69,9 +69,7 @@ def build_dense_sam_vit(name: str, out_indices: Sequence[int] | None, kwargs: di
         raise ValueError(f"{name!r} builds a timm {type(model).__name__}, not a VisionTransformerSAM")
     swap_class(model, DenseSamViT)
     model.neck = nn.Identity()  # the maps are taken before it
-    model.out_indices = block_indices(out_indices, len(model.blocks))
-    model._add_output_norms([model.embed_dim] * len(model.out_indices))
-    model.strides = [model.patch_embed.feat_ratio()] * len(model.out_indices)
+    model._describe_blocks(out_indices)
     return model
 
 

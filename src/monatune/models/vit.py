@@ -30,7 +30,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import DenseMixin, block_indices, create_timm_model
+from .dense import DenseMixin, create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["TokenGrid", "TunedViTBlock", "TunedEvaBlock", "DenseViT", "DenseEva", "attach_token_grid",
@@ -223,9 +223,7 @@ def build_dense_vit(name: str, out_indices: Sequence[int] | None, kwargs: dict[s
         raise ValueError(f"{name!r} builds a timm {type(model).__name__}, not a VisionTransformer or Eva")
     swap_class(model, dense_cls)
     model.norm = nn.Identity()
-    model.out_indices = block_indices(out_indices, len(model.blocks))
-    model._add_output_norms([model.embed_dim] * len(model.out_indices))
-    model.strides = [model.patch_embed.feat_ratio()] * len(model.out_indices)
+    model._describe_blocks(out_indices)
     return model
 
 
