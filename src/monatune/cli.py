@@ -201,6 +201,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .deploy import ExportCheckError, export_model
+
+    height, sep, width = (args.image_size or "").lower().partition("x")
+    if args.image_size and not (height.isdigit() and (width.isdigit() or not sep)):
+        raise ValueError(f"--image-size is a side or HxW (224, 512x640), got {args.image_size!r}")
+    try:
+        info = export_model(
+            args.source, args.out, pretrained=args.pretrained, configs=args.config, adapter_choice=args.adapter_choice,
+            model_kwargs=_json_object("--model-kwargs", args.model_kwargs), features=args.features,
+            image_size=(int(height), int(width or height)) if args.image_size else None,
+            dynamic_size={"auto": None, "yes": True, "no": False}[args.dynamic_size], batch_size=args.batch_size,
+            tolerance=args.tolerance, runs=args.runs,
+        )  # fmt: skip
+    except ExportCheckError as e:
+        print(f"monatune export: check failed: {e}", file=sys.stderr)
+        return 1
+    ratios = ", ".join(f"{k} {v:.2f}" for k, v in info["timing"]["ratio_to_eager"].items() if k != "eager")
+    print(f"wrote {args.out}/model.pt2, model.onnx and export.json ({info['task']}; dynamic image size: "
+          f"{info['dynamic']['image_size']}); max relative error {info['check']['max_relative_error']:.2g}; "
+          f"time against eager PyTorch: {ratios}")  # fmt: skip
+    return 0
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -310,6 +334,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("export", help="a trained run (or adapter + pretrained file) as model.pt2 and model.onnx, "
+                       "checked against eager PyTorch and timed (export.json)")  # fmt: skip
+    p.add_argument("source", help="a run directory (runs/<name>/) or an adapter directory")
+    p.add_argument("out", help="output folder (new, empty, or an earlier export)")
+    p.add_argument("--pretrained", help="pretrained weights file (an adapter directory needs it; replaces a run's)")
+    p.add_argument("--config", "-c", action="append", default=[], metavar="CONFIG",
+                   help="task config of an adapter directory (a detector's or segmenter's adapter needs it)")  # fmt: skip
+    p.add_argument("--adapter_choice", "--adapter-choice", choices=("best", "last"), default="best",
+                   help="a run's adapter-best/ (default) or adapter-last/")  # fmt: skip
+    p.add_argument("--model-kwargs", metavar="JSON", help="extra timm.create_model arguments (an adapter directory alone)")
+    p.add_argument("--image-size", metavar="SIZE", help="export size, a side or HxW (default: the task's evaluation size)")
+    p.add_argument("--features", action="store_true", help="detectors: export the backbone and FPN (a whole detector cannot be)")
+    p.add_argument("--dynamic-size", choices=("auto", "yes", "no"), default="auto",
+                   help="symbolic image height and width (auto: where the backbone captures them)")  # fmt: skip
+    p.add_argument("--batch-size", type=_at_least(2), default=2, help="export sample and timing batch (default: 2)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error the check passes (1e-4)")
+    p.add_argument("--runs", type=_at_least(1), default=5, help="timed runs per form, median reported (default: 5)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

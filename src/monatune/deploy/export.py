@@ -15,7 +15,9 @@ backbones (Swin and the windowed families) export at one size, and ``export.json
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -239,8 +241,9 @@ def export_model(
             program = torch.export.export(folded, (sample,), dynamic_shapes=({**dims},))
             torch.export.save(program, staged / "model.pt2")
             large = sum(p.numel() * p.element_size() for p in folded.parameters()) > 1.8e9  # protobuf's 2 GB
-            torch.onnx.export(program, (sample,), str(staged / "model.onnx"), dynamo=True, external_data=large,
-                              input_names=[input_name], output_names=output_names, verbose=False)  # fmt: skip
+            with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its steps
+                torch.onnx.export(program, (sample,), str(staged / "model.onnx"), dynamo=True, external_data=large,
+                                  input_names=[input_name], output_names=output_names, verbose=False)  # fmt: skip
         loaded = torch.export.load(staged / "model.pt2").module()
         session = onnx_session(staged / "model.onnx", torch.get_num_threads())
         h, w = size

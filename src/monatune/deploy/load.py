@@ -228,7 +228,7 @@ def load_trained(
     if init.get("num_classes") is None:
         init["num_classes"] = _class_count(cls, init, adapter)
     init["adapter"] = str(adapter)
-    info.update(pretrained=init.get("pretrained"), num_classes=init["num_classes"], task=cls.__name__,
+    info.update(pretrained=init.get("pretrained"), num_classes=init["num_classes"], task_class=cls.__name__,
                 backbone=init.get("backbone"), method=init.get("method"))  # fmt: skip
     task = cls(**init)
     if isinstance(seed, int) and not isinstance(seed, bool):
