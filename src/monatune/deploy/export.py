@@ -99,6 +99,29 @@ def _dynamic_size(trained: TrainedTask) -> tuple[bool, str | None]:
                    "reasonable time yet (issue 21, item 2); exported at one size")  # fmt: skip
 
 
+def _unpad_dense_vit(trained: TrainedTask, folded: nn.Module) -> None:
+    """A dense ViT/EVA pads its input to the patch size itself (``DenseMixin._pad_to_patch``), so timm's own
+    ``dynamic_img_pad`` has nothing left to pad; turned off in the folded copy, its ``math.ceil`` of the image
+    size leaves the graph (``torch.export.save`` cannot serialise that symbolic operation). Exact: the sizes
+    it sees are multiples of the patch size, where ceil and floor agree."""
+    from ..models.vit import DenseEva, DenseViT
+
+    if isinstance(trained.task.tuned, (DenseViT, DenseEva)):
+        for module in folded.modules():
+            if isinstance(module, (DenseViT, DenseEva)):
+                module.patch_embed.dynamic_img_pad = False
+
+
+def _export(folded: nn.Module, sample: Tensor, dynamic_size: bool, staged: Path) -> Any:
+    """``torch.export`` of ``folded`` (dynamic batch, and height and width when asked), saved as model.pt2."""
+    dims = {0: torch.export.Dim.DYNAMIC}
+    if dynamic_size:
+        dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
+    program = torch.export.export(folded, (sample,), dynamic_shapes=(dims,))
+    torch.export.save(program, staged / "model.pt2")
+    return program
+
+
 def _preprocess(trained: TrainedTask, features: bool) -> dict[str, Any]:
     """What the exported input expects, for the one who feeds it."""
     if trained.kind in ("classification", "segmentation"):
@@ -222,6 +245,7 @@ def export_model(
         (image_size, image_size) if isinstance(image_size, int) else tuple(image_size))  # fmt: skip
     eager = _wrap(trained, trained.network, features).eval()
     folded = _wrap(trained, fold(trained.network, inplace=False), features).eval()
+    _unpad_dense_vit(trained, folded)
     num_folded = sum(isinstance(m, FoldedMona) for m in folded.modules())
     sample = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -230,16 +254,19 @@ def export_model(
     input_name = "image"
     output_names = ["logits"] if len(outputs) == 1 and not features else [f"level_{i}" for i in range(len(outputs))]
 
-    dims = {0: torch.export.Dim.DYNAMIC}
-    if allowed:
-        dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
     staged = staging_directory(out)
     try:
         _readable(staged)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(folded, (sample,), dynamic_shapes=({**dims},))
-            torch.export.save(program, staged / "model.pt2")
+            try:
+                program = _export(folded, sample, allowed, staged)
+            except Exception as e:  # noqa: BLE001  (torch.export raises many kinds; a fixed size may still capture)
+                if not allowed or dynamic_size is True:
+                    raise
+                allowed, reason = False, f"torch.export failed with symbolic sizes ({type(e).__name__}: " \
+                                         f"{str(e).splitlines()[0][:300]}); exported at one size"
+                program = _export(folded, sample, False, staged)
             large = sum(p.numel() * p.element_size() for p in folded.parameters()) > 1.8e9  # protobuf's 2 GB
             with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its steps
                 torch.onnx.export(program, (sample,), str(staged / "model.onnx"), dynamo=True, external_data=large,
@@ -282,8 +309,9 @@ def export_model(
         shutil.rmtree(staged, ignore_errors=True)
         raise
     if not check["passed"]:
-        worst = ", ".join(f"{tuple(c['input_shape'])}: pt2 {c['pt2_max_relative_error']:.3g}, onnx "
-                          f"{c['onnx_max_relative_error']:.3g}" for c in check["cases"])  # fmt: skip
+        worst = "; ".join(f"{tuple(c['input_shape'])}: pt2 {c['pt2_max_relative_error']:.3g}, onnx "
+                          f"{c['onnx_max_relative_error']:.3g}" + "".join(f" ({c[k]})" for k in ("pt2_error", "onnx_error") if k in c)
+                          for c in check["cases"])  # fmt: skip
         raise ExportCheckError(
             f"the exported files in '{out}' FAILED the check: relative errors against eager PyTorch {worst} "
             f"(tolerance {tolerance:g}); they are kept there with export.json for a look, but do not deploy them"

@@ -198,8 +198,8 @@ def load_trained(
     adapter_config = json.loads((adapter / CONFIG_NAME).read_text())
     seed, data = None, {}
     if configs:
+        cls = _task_class(configs)  # a config that names no monatune task: said before the parse lists its fields
         config = _parse_configs(configs)
-        cls = _task_class(configs)
         init = config.model.init_args.as_dict()
         data_config = config.get("data")
         if data_config is not None and data_config.get("init_args") is not None:
