@@ -41,10 +41,10 @@ _FILES = ("model.pt2", "model.onnx", "model.onnx.data", EXPORT_FILE)
 FORMAT, FORMAT_VERSION = "monatune-export", 1
 DETECTOR_REFUSAL = (
     "a whole {what} cannot be exported: after its heads it keeps a data-dependent number of boxes (a score "
-    "threshold, then NMS; torchvision's batched_nms picks its algorithm by the number of boxes, and torch.export "
-    "stops at 'Could not guard on data-dependent expression'), and it resizes and batches a list of images in "
-    "Python. Export its backbone and FPN, the maps every head reads and most of the compute, with --features "
-    "(features=True), and run the heads and NMS in PyTorch"
+    "threshold, then NMS: torchvision's batched_nms picks its algorithm by the number of boxes, monatune's rotated "
+    "box operations check theirs), where torch.export stops with 'Could not guard on data-dependent expression'; "
+    "and it resizes and batches a list of images in Python. Export its backbone and FPN, the maps every head reads "
+    "and most of the compute, with --features (features=True), and run the heads and NMS in PyTorch"
 )
 
 
@@ -74,7 +74,8 @@ class _Features(nn.Module):
         return tuple(self.backbone(image).values())
 
 
-def _wrap(trained: TrainedTask, network: nn.Module, features: bool) -> nn.Module:
+def _wrap(trained: TrainedTask, network: nn.Module) -> nn.Module:
+    """The module that is exported: the network, or the part of it with one tensor in and tensors out."""
     if trained.kind == "classification":
         return network
     if trained.kind == "segmentation":
@@ -122,7 +123,7 @@ def _export(folded: nn.Module, sample: Tensor, dynamic_size: bool, staged: Path)
     return program
 
 
-def _preprocess(trained: TrainedTask, features: bool) -> dict[str, Any]:
+def _preprocess(trained: TrainedTask) -> dict[str, Any]:
     """What the exported input expects, for the one who feeds it."""
     if trained.kind in ("classification", "segmentation"):
         cfg = getattr(trained.task.tuned, "pretrained_cfg", None) or {}
@@ -243,8 +244,14 @@ def export_model(
         allowed, reason = True, None
     size = trained.image_size if image_size is None else (
         (image_size, image_size) if isinstance(image_size, int) else tuple(image_size))  # fmt: skip
-    eager = _wrap(trained, trained.network, features).eval()
-    folded = _wrap(trained, fold(trained.network, inplace=False), features).eval()
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"`image_size` must be a positive int or (height, width), got {image_size!r}")
+    embed = getattr(trained.task.tuned, "patch_embed", None)
+    if trained.kind == "classification" and getattr(embed, "strict_img_size", False) and tuple(embed.img_size) != size:
+        raise ValueError(f"{trained.source['backbone']} was built for {tuple(embed.img_size)} images, not {size}; export "
+                         "at its size, or build it for yours (model_kwargs img_size, in the config or --model-kwargs)")
+    eager = _wrap(trained, trained.network).eval()
+    folded = _wrap(trained, fold(trained.network, inplace=False)).eval()
     _unpad_dense_vit(trained, folded)
     num_folded = sum(isinstance(m, FoldedMona) for m in folded.modules())
     sample = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
@@ -291,7 +298,7 @@ def export_model(
                          "segmentation": "UperNet: logits (B, classes, H, W) at the input's size (no auxiliary head)",
                          }.get(trained.kind, "the detector's backbone and FPN: one map per FPN level, finest first"),  # fmt: skip
             "input": {"name": input_name, "shape": _shape_names(sample, batch_dim), "dtype": "float32",
-                      "layout": "NCHW", "preprocess": _preprocess(trained, features)},  # fmt: skip
+                      "layout": "NCHW", "preprocess": _preprocess(trained)},  # fmt: skip
             "outputs": [{"name": n, "shape": _shape_names(o, {0: "batch", **({2: "dynamic", 3: "dynamic"} if allowed else {})})}
                         for n, o in zip(output_names, outputs)],  # fmt: skip
             "export_size": list(size),
