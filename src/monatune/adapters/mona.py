@@ -117,7 +117,10 @@ class MonaOp(nn.Module):
         weight, bias = self.merged_kernel()
         size = weight.shape[-1]
         # permute() gives an NCHW view with channels-last strides; conv2d keeps that layout.
-        y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=size // 2, groups=self.channels)
+        x = x.permute(0, 3, 1, 2)
+        if torch.compiler.is_compiling():
+            x = x.contiguous()
+        y = F.conv2d(x, weight, bias, padding=size // 2, groups=self.channels)
         y = y.permute(0, 2, 3, 1)  # B, H, W, C (a view)
         # projector(m) + m == m @ (P + I)^T + b: one pointwise product instead of two passes.
         proj = self.projector.weight.flatten(1)

@@ -21,6 +21,7 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRSchedu
 from torch import nn
 
 from ..checkpoints import load_adapter, load_pretrained
+from ..compiling import compile_module, compile_options
 from ..memory import set_activation_checkpointing, set_frozen_precision
 from ..methods import resolve_method
 from ..params import ParamReport, count_parameters
@@ -160,6 +161,10 @@ class TunedModule(L.LightningModule):
             their activations (``monatune.memory``; same results, about one more forward pass).
         frozen_precision: ``bf16`` or ``fp16``: run the frozen part of the backbone in that
             type, adapters and heads in float32 (``monatune.memory``); not with ``full``.
+        compile: ``torch.compile`` the network (a detector: its backbone and FPN): ``true`` or a mapping of
+            :class:`monatune.compiling.CompileOptions` (``backend``, ``mode``, ``dynamic``, ``size_buckets``,
+            ``recompile_limit``, inductor ``options``). Same results as eager up to float rounding; a
+            detector with ``size_buckets`` pads its batches more (:mod:`monatune.compiling`).
     """
 
     strict_loading = False  # resumable checkpoints hold only what trains (see on_save_checkpoint)
@@ -192,6 +197,7 @@ class TunedModule(L.LightningModule):
         poly_power: float = 1.0,
         activation_checkpointing: bool = False,
         frozen_precision: str | None = None,
+        compile: bool | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
@@ -205,6 +211,7 @@ class TunedModule(L.LightningModule):
             if method == "full":
                 raise ValueError("frozen_precision needs a frozen backbone; method 'full' trains every weight")
         self.activation_checkpointing, self.frozen_precision = activation_checkpointing, frozen_precision
+        self.compile_options = compile_options(compile)
         self.backbone_name = backbone
         self.method = method
         self.method_options = options
@@ -257,6 +264,14 @@ class TunedModule(L.LightningModule):
         """The module the method is applied to and adapters are saved from (default: all of it)."""
         return network
 
+    def compiled_part(self, network: nn.Module) -> nn.Module:
+        """The module the ``compile`` option compiles (default: all of it; detectors: the backbone and FPN,
+        since proposal sampling and NMS change shape with the data)."""
+        return network
+
+    def use_size_buckets(self, network: nn.Module, buckets: int | tuple[int, ...] | None) -> None:
+        """Make the network pad its batches to ``buckets`` (tasks with variable input sizes override it)."""
+
     def configure_model(self) -> None:
         """Build the network, load the pretrained file, apply the method, load an adapter (once)."""
         if self.model is not None:
@@ -275,6 +290,9 @@ class TunedModule(L.LightningModule):
             set_activation_checkpointing(part)
         if self.frozen_precision:
             set_frozen_precision(part, self.frozen_precision)
+        if self.compile_options is not None:
+            self.use_size_buckets(network, self.compile_options.size_buckets)
+            compile_module(self.compiled_part(network), self.compile_options)
         self.model = network
 
     @property

@@ -7,11 +7,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..models.swin import freeze_stages
 from ..engine.module import TunedModule
 from ..metrics import COCOMeanAveragePrecision, VOCMeanAveragePrecision
 from ..metrics.coco import COCO_STATS
+from ..models.base import swap_class
 from ..models.detection.builders import DETECTORS, build_detector
+from ..models.detection.transform import BucketedTransform
+from ..models.swin import freeze_stages
 
 __all__ = ["ObjectDetector", "draw_detections"]
 
@@ -134,6 +136,14 @@ class ObjectDetector(TunedModule):
 
     def tuned_part(self, network: nn.Module) -> nn.Module:
         return network.backbone.body
+
+    def compiled_part(self, network: nn.Module) -> nn.Module:
+        return network.backbone  # the tuned body and the FPN; the heads' sampling and NMS change shape with the data
+
+    def use_size_buckets(self, network: nn.Module, buckets: int | tuple[int, ...] | None) -> None:
+        if not isinstance(network.transform, BucketedTransform):  # torchvision's own (FCOS, Faster/Mask R-CNN)
+            swap_class(network.transform, BucketedTransform)
+        network.transform.size_buckets = buckets
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         return self.model([im.as_subclass(Tensor) for im in images])

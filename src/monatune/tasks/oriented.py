@@ -201,6 +201,12 @@ class OrientedDetector(TunedModule):
     def tuned_part(self, network: nn.Module) -> nn.Module:
         return network.backbone.body
 
+    def compiled_part(self, network: nn.Module) -> nn.Module:
+        return network.backbone  # the tuned body and the FPN; the heads' sampling and NMS change shape with the data
+
+    def use_size_buckets(self, network: nn.Module, buckets: int | tuple[int, ...] | None) -> None:
+        network.size_buckets = buckets
+
     # -- steps ----------------------------------------------------------------------------
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         return self.model([im.as_subclass(Tensor) for im in images])

@@ -8,6 +8,9 @@ two steps to the release's (mmcv 1.x / mmdetection 2.11):
   where torchvision floors it; the scale is the same, ``min(short / shorter side, long / longer side)``;
 - masks are pasted by :func:`~.roi.paste_masks` (mmdet's ``_do_paste_mask``) instead of
   torchvision's ``paste_masks_in_image``.
+
+With ``size_buckets`` set (the tasks' ``compile`` option, :mod:`monatune.compiling`) a batch is padded
+further, up to its size bucket, so that a compiled backbone sees few shapes.
 """
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
+from ...compiling import padded_side
 from .roi import paste_masks
 
-__all__ = ["MMDetTransform", "rescale_size"]
+__all__ = ["BucketedTransform", "MMDetTransform", "rescale_size"]
 
 
 def rescale_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
@@ -28,7 +32,20 @@ def rescale_size(height: int, width: int, short: int, long: int) -> tuple[int, i
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-class MMDetTransform(GeneralizedRCNNTransform):
+class BucketedTransform(GeneralizedRCNNTransform):
+    """``GeneralizedRCNNTransform`` that pads a batch up to its size bucket when ``size_buckets`` is set."""
+
+    size_buckets: int | tuple[int, ...] | None = None
+
+    def batch_images(self, images: list[Tensor], size_divisible: int = 32) -> Tensor:
+        batch = super().batch_images(images, size_divisible)
+        if self.size_buckets is None:
+            return batch
+        h, w = (padded_side(s, size_divisible, self.size_buckets) for s in batch.shape[-2:])
+        return F.pad(batch, (0, w - batch.shape[-1], 0, h - batch.shape[-2]))  # zeros, right and bottom, as above
+
+
+class MMDetTransform(BucketedTransform):
     """``GeneralizedRCNNTransform`` with mmcv's rounding of the evaluation size and mmdet's mask pasting."""
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> tuple[Any, Any]:

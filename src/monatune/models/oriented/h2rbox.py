@@ -51,6 +51,8 @@ class H2RBoxV2P(nn.Module):
         size_divisor: Images are padded to a multiple of this.
     """
 
+    size_buckets: int | tuple[int, ...] | None = None  # the tasks' compile option (monatune.compiling)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -94,7 +96,7 @@ class H2RBoxV2P(nn.Module):
 
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """The four losses of a batch and its self-supervised view."""
-        batch = batch_images(images, self.size_divisor)
+        batch = batch_images(images, self.size_divisor, self.size_buckets)
         boxes, labels = checked_targets(targets, len(images), self.num_classes, batch.device, positive_sizes=False)
         labels = [lab - 1 for lab in labels]
         batch, boxes, labels, ids, view = make_views(batch, boxes, labels, prob_rot=self.prob_rot, view_range=self.view_range)
@@ -105,7 +107,7 @@ class H2RBoxV2P(nn.Module):
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections per image, in the images' own pixels."""
         images, factors = resize_for_test(images, self.test_size)
-        batch = batch_images(images, self.size_divisor)
+        batch = batch_images(images, self.size_divisor, self.size_buckets)
         cls_scores, bbox_preds, angle_preds, centernesses = self.head(self.features(batch))
         points = grid_points([tuple(c.shape[-2:]) for c in cls_scores], self.head.strides, device=batch.device)
         results = []

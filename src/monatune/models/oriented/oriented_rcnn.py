@@ -47,6 +47,8 @@ class OrientedRCNN(nn.Module):
         size_divisor: Images are padded to a multiple of this.
     """
 
+    size_buckets: int | tuple[int, ...] | None = None  # the tasks' compile option (monatune.compiling)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -78,7 +80,7 @@ class OrientedRCNN(nn.Module):
 
     def features(self, images: list[Tensor]) -> tuple[ImageList, dict[str, Tensor]]:
         """The padded batch (with each image's unpadded size) and the FPN's five maps."""
-        batch = batch_images(images, self.size_divisor)
+        batch = batch_images(images, self.size_divisor, self.size_buckets)
         sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         return ImageList(batch, sizes), self.backbone(batch)
 

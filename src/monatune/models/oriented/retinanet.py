@@ -155,6 +155,8 @@ class RotatedRetinaNet(nn.Module):
         size_divisor: Images are padded to a multiple of this.
     """
 
+    size_buckets: int | tuple[int, ...] | None = None  # the tasks' compile option (monatune.compiling)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -223,7 +225,7 @@ class RotatedRetinaNet(nn.Module):
 
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """The focal and box losses of a batch."""
-        batch = batch_images(images, self.size_divisor)
+        batch = batch_images(images, self.size_divisor, self.size_buckets)
         boxes, labels = checked_targets(targets, len(images), self.num_classes, batch.device)
         labels = [lab - 1 for lab in labels]
         d = self.size_divisor
@@ -283,7 +285,7 @@ class RotatedRetinaNet(nn.Module):
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections per image, in the images' own pixels."""
         images, factors = resize_for_test(images, self.test_size)
-        batch = batch_images(images, self.size_divisor)
+        batch = batch_images(images, self.size_divisor, self.size_buckets)
         cls_scores, bbox_preds = self.head(self.features(batch))
         anchors = self.anchors([(int(c.shape[-2]), int(c.shape[-1])) for c in cls_scores], batch.device)
         results = []

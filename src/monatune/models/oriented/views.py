@@ -20,17 +20,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms import functional as TF
 
+from ...compiling import padded_side
+
 __all__ = ["MEAN", "STD", "batch_images", "object_ids", "make_views"]
 
 MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 scale
 STD = (58.395, 57.12, 57.375)
 
 
-def batch_images(images: Sequence[Tensor], size_divisor: int = 32) -> Tensor:
+def batch_images(
+    images: Sequence[Tensor], size_divisor: int = 32, size_buckets: int | Sequence[int] | None = None
+) -> Tensor:
     """Normalise RGB images in 0..1 and pad them (bottom/right, 0) into one ``[B, 3, H, W]`` tensor.
 
     H and W are the largest image's sides rounded up to a multiple of ``size_divisor`` (mmcv pads
-    each image to the divisor, then collate pads to the largest: the same size).
+    each image to the divisor, then collate pads to the largest: the same size), then up to their
+    ``size_buckets`` (:func:`monatune.compiling.padded_side`) when given.
     """
     if len(images) == 0:
         raise ValueError("no images were given; pass a list of [3, H, W] tensors")
@@ -39,7 +44,7 @@ def batch_images(images: Sequence[Tensor], size_divisor: int = 32) -> Tensor:
             raise ValueError(f"images must be [3, H, W] RGB tensors in 0..1, got shape {tuple(image.shape)}")
     height = max(image.shape[-2] for image in images)
     width = max(image.shape[-1] for image in images)
-    height, width = -(-height // size_divisor) * size_divisor, -(-width // size_divisor) * size_divisor
+    height, width = padded_side(height, size_divisor, size_buckets), padded_side(width, size_divisor, size_buckets)
     mean = torch.tensor(MEAN, device=images[0].device)[:, None, None]
     std = torch.tensor(STD, device=images[0].device)[:, None, None]
     batch = []
