@@ -27,7 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CompileOptions", "compile_options", "padded_side", "compile_module"]
+__all__ = ["CompileOptions", "compile_options", "padded_side", "compile_module", "INDUCTOR_OPTIONS"]
+
+# Inductor options the compile option passes unless ``options`` is given. Inductor's layout optimisation
+# (convolution inputs made channels-last) fixes the first size's strides into the backward graph of a
+# Mona on prefixed tokens (torch 2.14: "expected ... stride 224==120" at the second size of a
+# dynamic-shape ViT); without it the graph is correct at every size. Pass the same to torch.compile yourself:
+# ``torch.compile(model, dynamic=True, options=monatune.compiling.INDUCTOR_OPTIONS)``.
+INDUCTOR_OPTIONS: dict[str, Any] = {"layout_optimization": False}
 
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -38,7 +45,7 @@ class CompileOptions:
 
     Args:
         backend: ``torch.compile``'s backend (``inductor``; ``aot_eager`` to check capture without code generation).
-        mode: ``torch.compile``'s mode.
+        mode: ``torch.compile``'s mode (inductor; ``default`` passes :data:`INDUCTOR_OPTIONS` instead).
         dynamic: ``torch.compile``'s ``dynamic``: ``False`` (default) compiles each shape on its own;
             ``True`` one graph for all sizes; ``None`` torch's automatic choice (static first, dynamic
             after a size changes).
@@ -47,6 +54,7 @@ class CompileOptions:
             multiple of 32 as before). ``None``: padding to 32 only.
         recompile_limit: How many shapes one compiled function may be compiled for before torch falls back
             to eager (``torch._dynamo.config.recompile_limit``, 8 by default in torch).
+        extra: Inductor options (the config's ``options`` key), added to :data:`INDUCTOR_OPTIONS`.
     """
 
     backend: str = "inductor"
@@ -112,9 +120,10 @@ def compile_module(module: nn.Module, options: CompileOptions) -> nn.Module:
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(limit, options.recompile_limit)
     kwargs: dict[str, Any] = {"backend": options.backend, "dynamic": options.dynamic}
-    if options.extra:
-        kwargs["options"] = dict(options.extra)
-    elif options.backend == "inductor":
-        kwargs["mode"] = options.mode
+    if options.backend == "inductor":  # torch.compile takes a mode or options, not both
+        if options.mode != "default" and not options.extra:
+            kwargs["mode"] = options.mode
+        else:
+            kwargs["options"] = {**INDUCTOR_OPTIONS, **options.extra}
     module.compile(**kwargs)
     return module

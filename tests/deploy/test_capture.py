@@ -1,5 +1,6 @@
 """A Mona-tuned model captures like a plain one: torch.jit.trace, torch.export and both ONNX exporters (run in
-ONNX Runtime) give eager PyTorch's outputs; the fused autograd function steps aside by itself (issue 21, item 3)."""
+ONNX Runtime) give eager PyTorch's outputs; the fused autograd function steps aside by itself (issue 21, item 3).
+torch.jit.script takes what timm's scripting takes (in-place methods, LoRA merged by fold())."""
 import pytest
 import torch
 from tiny_models import tiny_swin, tiny_vit
@@ -68,3 +69,22 @@ def test_the_fused_function_still_runs_in_eager_mode():
             assert not calls, "tracing must get the plain operations"
     finally:
         mona_module._MonaFunction.run = original
+
+
+@pytest.mark.parametrize("method", ["bitfit", "lora"])
+def test_torch_jit_script_takes_what_timm_scripting_takes(method):
+    from monatune.deploy import fold
+
+    torch.manual_seed(0)
+    model = tiny_vit(img_size=32)
+    monatune.apply(model, method)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    x = _image("vit")
+    with torch.no_grad():
+        expected = model(x)
+        deployable = model if method == "bitfit" else fold(model, inplace=False)  # LoRA merged: plain timm
+        torch.testing.assert_close(torch.jit.script(deployable)(x), expected, rtol=1e-4, atol=1e-5)

@@ -119,6 +119,11 @@ class MonaOp(nn.Module):
         # permute() gives an NCHW view with channels-last strides; conv2d keeps that layout.
         x = x.permute(0, 3, 1, 2)
         if torch.compiler.is_compiling():
+            # Inductor (torch 2.14) fails on a saved view with symbolic channels-last strides ("cannot determine
+            # truth value of Relational: 8*s27*s53 < 8": graph.py orders the strides without the shape env). Repro:
+            #   f = torch.compile(lambda x, w: F.conv2d(x.permute(0, 3, 1, 2), w, padding=1, groups=8))
+            #   for s in (5, 7): f(torch.randn(2, s, s, 8, requires_grad=True), torch.randn(8, 1, 3, 3)).sum().backward()
+            # A contiguous NCHW copy is saved instead (compiled code only; eager keeps the view).
             x = x.contiguous()
         y = F.conv2d(x, weight, bias, padding=size // 2, groups=self.channels)
         y = y.permute(0, 2, 3, 1)  # B, H, W, C (a view)

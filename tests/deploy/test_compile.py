@@ -1,0 +1,138 @@
+"""Tuned models under torch.compile with dynamic shapes, and the tasks' ``compile`` option (issue 21, items 1-2).
+
+Inductor on CPU costs tens of seconds per graph, so inductor compiles the two graphs that exercise its
+lowering of monatune's operations (a Mona at two sizes, maps and prefixed tokens; a Mona-tuned ViT
+classifier); the other methods, the dense backbone, the segmenter and the detector are captured by
+dynamo + AOT autograd (``aot_eager``: the same graphs, symbolic shapes and backward, without code generation).
+"""
+import pytest
+import timm
+import torch
+
+import monatune
+from monatune.adapters.mona import Mona
+from monatune.compiling import INDUCTOR_OPTIONS
+from monatune.tasks.classification import ImageClassifier
+
+# dynamic_img_pad: without it timm's patch embedding checks divisibility with an f-string naming the size, and
+# formatting a symbolic size specialises it (one graph per size)
+TINY_VIT = dict(depth=1, embed_dim=32, num_heads=2, dynamic_img_size=True, dynamic_img_pad=True)
+
+
+def _compare_grads(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_mona_trains_under_inductor_at_any_size():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    eager = Mona(16, bottleneck=8, dropout=0.0).train()
+    eager.impl = "plain"
+    compiled_copy = Mona(16, bottleneck=8, dropout=0.0).train()
+    compiled_copy.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_copy, dynamic=True)
+    for s in (5, 7):  # the second size used to fail in inductor (a saved channels-last view, see MonaOp.forward)
+        for m in (eager, compiled_copy):
+            m.zero_grad()
+        x = torch.randn(2, s, s + 1, 16)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), compiled(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+        (ya * ya).sum().backward()
+        (yb * yb).sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+        _compare_grads(eager, compiled_copy)
+
+
+def test_a_mona_tuned_classifier_compiles_with_inductor_for_any_size():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TINY_VIT)
+    monatune.apply(model, "mona", bottleneck=8)
+    # INDUCTOR_OPTIONS: inductor's channels-last layout choice for convolution inputs bakes the first size's
+    # strides into the backward graph (monatune.compiling)
+    compiled = torch.compile(model, dynamic=True, options=INDUCTOR_OPTIONS)
+    model.train()
+    for size in [(48, 80), (64, 112)]:  # tokens with a class token: Mona's prefix path
+        compiled(torch.randn(2, 3, *size)).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        for size in [(48, 80), (64, 96)]:
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "ssf", "adapter", "adaptformer", "lorand", "vpt", "bitfit"])
+def test_every_method_captures_whole_with_dynamic_sizes(method):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TINY_VIT)
+    monatune.apply(model, method)
+    compiled = torch.compile(model, dynamic=True, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
+    model.train()
+    for size in [(32, 48), (48, 64)]:
+        compiled(torch.randn(2, 3, *size)).sum().backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 32)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_tuned_dense_backbone_and_segmenter_capture_with_dynamic_sizes():
+    from monatune.models.segmentation import build_segmenter
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    network = build_segmenter("vit_tiny_patch16_224", method="mona", num_classes=3, channels=16, aux_channels=8,
+                              model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}, method_options={"bottleneck": 8})  # fmt: skip
+    compiled = torch.compile(network, dynamic=True, backend="aot_eager", fullgraph=True)
+    network.train()
+    for size in [(64, 96), (96, 64)]:
+        out = compiled(torch.randn(2, 3, *size))
+        assert out["out"].shape[-2:] == size
+        sum(v.sum() for v in out.values()).backward()
+    network.eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 80, 112)
+        torch.testing.assert_close(compiled(x)["out"], network(x)["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_compile_option_compiles_the_classifier_and_trains():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    task = ImageClassifier("vit_tiny_patch16_224", method="mona", num_classes=3, method_options={"bottleneck": 8},
+                           model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 32},
+                           compile={"backend": "aot_eager"})  # fmt: skip
+    task.configure_model()
+    assert task.model._compiled_call_impl is not None
+    plain = ImageClassifier("vit_tiny_patch16_224", method="mona", num_classes=3, method_options={"bottleneck": 8},
+                            model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 32})  # fmt: skip
+    plain.configure_model()
+    assert set(plain.model.state_dict()) == set(task.model.state_dict())  # checkpoints and adapters keep their keys
+    plain.model.load_state_dict(task.model.state_dict())
+    task.eval(), plain.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(task(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_detector_backbone_sees_only_its_size_buckets():
+    from monatune.tasks.detection import ObjectDetector
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    task = ObjectDetector("vit_tiny_patch16_224", detector="retinanet", num_classes=2, method="lora", min_size=64,
+                          max_size=96, model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
+                          compile={"backend": "aot_eager", "size_buckets": 128})  # fmt: skip
+    task.configure_model()
+    seen = []
+    task.model.backbone.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    task.train()
+    target = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}
+    for size in [(64, 80), (72, 96), (96, 64)]:  # three padded sizes, one bucket
+        losses = task.model([torch.rand(3, *size)], [dict(target)])
+        sum(losses.values()).backward()
+    assert seen == [(128, 128)] * 3
