@@ -1,8 +1,8 @@
 """Tuned models under torch.compile with dynamic shapes, and the tasks' ``compile`` option (issue 21, items 1-2).
 
-Inductor on CPU costs tens of seconds per graph, so inductor compiles the two graphs that exercise its
-lowering of monatune's operations (a Mona on maps at two sizes; a Mona-tuned ViT classifier: prefixed
-tokens); the other methods, the dense backbone, the segmenter and the detector are captured by
+Inductor on CPU costs tens of seconds to minutes per graph when its cache is cold, so inductor compiles the
+graph that exercises its lowering of monatune's operations (a Mona at two sizes, where it used to fail); the
+classifier, the other methods, the dense backbone, the segmenter and the detector are captured by
 dynamo + AOT autograd (``aot_eager``: the same graphs, symbolic shapes and backward, without code generation).
 """
 import pytest
@@ -11,7 +11,6 @@ import torch
 
 import monatune
 from monatune.adapters.mona import Mona
-from monatune.compiling import INDUCTOR_OPTIONS
 from monatune.tasks.classification import ImageClassifier
 
 # dynamic_img_pad: without it timm's patch embedding checks divisibility with an f-string naming the size, and
@@ -46,25 +45,30 @@ def test_mona_trains_under_inductor_at_any_size():
         _compare_grads(eager, compiled_copy)
 
 
-def test_a_mona_tuned_classifier_compiles_with_inductor_for_any_size():
+def test_a_mona_tuned_classifier_trains_with_dynamic_sizes():
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TINY_VIT)
-    monatune.apply(model, "mona", bottleneck=8)
-    # INDUCTOR_OPTIONS: inductor's channels-last layout choice for convolution inputs bakes the first size's
-    # strides into the backward graph (monatune.compiling)
-    compiled = torch.compile(model, dynamic=True, options=INDUCTOR_OPTIONS)
-    model.train()
+    monatune.apply(model, "mona", bottleneck=8, dropout=0.0)
+    twin = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TINY_VIT)
+    monatune.apply(twin, "mona", bottleneck=8, dropout=0.0)
+    twin.load_state_dict(model.state_dict())
+    # aot_eager: under inductor (with INDUCTOR_OPTIONS; without, inductor's channels-last layout choice bakes the
+    # first size's strides into the backward graph, monatune.compiling) this passes too, but compiling it cold
+    # takes about 110 s on two cores, more than the suite's budget allows
+    compiled = torch.compile(model, dynamic=True, backend="aot_eager", fullgraph=True)
+    model.train(), twin.train()
     for size in [(48, 80), (64, 112)]:  # tokens with a class token: Mona's prefix path
-        compiled(torch.randn(2, 3, *size)).sum().backward()
-    model.eval()
-    with torch.no_grad():
-        for size in [(48, 80), (64, 96)]:
-            x = torch.randn(2, 3, *size)
-            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        model.zero_grad(), twin.zero_grad()
+        x = torch.randn(2, 3, *size)
+        y, expected = compiled(x), twin(x)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+        y.square().sum().backward()
+        expected.square().sum().backward()
+        _compare_grads(twin, model)
 
 
-@pytest.mark.parametrize("method", ["lora", "ssf", "adapter", "adaptformer", "lorand", "vpt"])
+@pytest.mark.parametrize("method", ["lora", "adapter", "lorand", "vpt"])  # a leaf, two block-slot modules, prompts
 def test_every_method_captures_whole_with_dynamic_sizes(method):
     torch.manual_seed(0)
     torch._dynamo.reset()
