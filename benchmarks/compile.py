@@ -6,9 +6,12 @@ what the ``compile`` option does with ``size_buckets``) it reports the first cal
 included), the first call at size B (recompile), and the median step at size A eager and compiled.
 ``--dynamic`` adds ``dynamic=True`` runs, each in a child process stopped after ``--dynamic-limit``
 seconds (a windowed Swin's symbolic-shape compile can take longer than any training step budget).
+``--capture`` adds a ``dynamic=True`` capture by dynamo alone (no AOT autograd, no code generation) in
+inference at every size in ``--sizes``, with the number of graphs it built: the cost of monatune's symbolic
+shapes, and whether a new size recompiles.
 
     python benchmarks/compile.py [--backbone swin_tiny_patch4_window7_224] [--tiny] [--sizes 224x224,256x320]
-        [--batch 2] [--repeats 5] [--threads 2] [--dynamic] [--dynamic-limit 600]
+        [--batch 2] [--repeats 5] [--threads 2] [--dynamic] [--capture] [--dynamic-limit 600] [--skip-static]
 """
 from __future__ import annotations
 
@@ -56,17 +59,29 @@ def _median(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _dynamic_child(args: argparse.Namespace, sizes: list[tuple[int, int]], queue: mp.Queue) -> None:
+def _dynamic_child(args: argparse.Namespace, sizes: list[tuple[int, int]], queue: mp.Queue, capture: bool) -> None:
+    from torch._dynamo.testing import CompileCounter
+
     torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64
     model = _backbone(args)
-    compiled = torch.compile(model, dynamic=True, options=INDUCTOR_OPTIONS)
+    if not capture:
+        compiled = torch.compile(model, dynamic=True, options=INDUCTOR_OPTIONS)
+        for size in sizes:
+            queue.put((size, _first(compiled, torch.randn(args.batch, 3, *size)), None))
+        return
+    graphs = CompileCounter()
+    compiled = torch.compile(model.eval(), dynamic=True, backend=graphs)
     for size in sizes:
-        queue.put((size, _first(compiled, torch.randn(args.batch, 3, *size))))
+        t = time.perf_counter()
+        with torch.no_grad():
+            compiled(torch.randn(args.batch, 3, *size))
+        queue.put((size, time.perf_counter() - t, graphs.frame_count))
 
 
-def _dynamic(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> list[dict]:
+def _dynamic(args: argparse.Namespace, sizes: list[tuple[int, int]], capture: bool = False) -> list[dict]:
     queue: mp.Queue = mp.get_context("spawn").Queue()
-    child = mp.get_context("spawn").Process(target=_dynamic_child, args=(args, sizes, queue))
+    child = mp.get_context("spawn").Process(target=_dynamic_child, args=(args, sizes, queue, capture))
     start = time.perf_counter()
     child.start()
     child.join(args.dynamic_limit)
@@ -75,8 +90,9 @@ def _dynamic(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> list[dic
         child.join()
     rows = []
     while not queue.empty():
-        size, seconds = queue.get()
-        rows.append({"size": list(size), "first_call_s": round(seconds, 1)})
+        size, seconds, graphs = queue.get()
+        row = {"size": list(size), "first_call_s": round(seconds, 1)}
+        rows.append(row if graphs is None else {**row, "graphs": graphs})
     if len(rows) < len(sizes):
         rows.append({"size": list(sizes[len(rows)]), "first_call_s": None,
                      "note": f"not finished after {time.perf_counter() - start:.0f} s in all"})  # fmt: skip
@@ -92,18 +108,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dynamic", action="store_true")
+    parser.add_argument("--capture", action="store_true")
     parser.add_argument("--dynamic-limit", type=float, default=600.0)
+    parser.add_argument("--skip-static", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    a, b = (torch.randn(args.batch, 3, *s) for s in sizes[:2])
-
-    model = _backbone(args)
-    eager_a = _median(model, a, args.repeats)
-    compiled = torch.compile(_backbone(args), dynamic=False, options=INDUCTOR_OPTIONS)
-    first_a = _first(compiled, a)
-    first_b = _first(compiled, b)
-    compiled_a = _median(compiled, a, args.repeats)
     report = {
         "command": "python benchmarks/compile.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k.replace('_', '-')}"
@@ -111,15 +121,29 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "static": {
-            "first_call_A_s": round(first_a, 1), "first_call_B_s": round(first_b, 1),
-            "eager_step_A_s": round(eager_a, 4), "compiled_step_A_s": round(compiled_a, 4),
-            "compiled_over_eager": round(compiled_a / eager_a, 3),
-        },  # fmt: skip
     }
+    if not args.skip_static:
+        report["static"] = _static(args, sizes)
+    if args.capture:
+        report["capture"] = _dynamic(args, sizes, capture=True)
     if args.dynamic:
         report["dynamic"] = _dynamic(args, sizes)
     print(json.dumps(report, indent=2))
+
+
+def _static(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> dict:
+    a, b = (torch.randn(args.batch, 3, *s) for s in sizes[:2])
+    model = _backbone(args)
+    eager_a = _median(model, a, args.repeats)
+    compiled = torch.compile(_backbone(args), dynamic=False, options=INDUCTOR_OPTIONS)
+    first_a = _first(compiled, a)
+    first_b = _first(compiled, b)
+    compiled_a = _median(compiled, a, args.repeats)
+    return {
+        "first_call_A_s": round(first_a, 1), "first_call_B_s": round(first_b, 1),
+        "eager_step_A_s": round(eager_a, 4), "compiled_step_A_s": round(compiled_a, 4),
+        "compiled_over_eager": round(compiled_a / eager_a, 3),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def count_task_parameters(task: Any, *, classes_from: str = "the model") -> Task
 
 
 @contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Every parameter registered inside goes to the meta device; buffers and other tensors stay.
 
     ``torch.device("meta")`` would put every tensor there, and the tasks build their torchmetrics
@@ -248,7 +248,7 @@ def _import_class(class_path: str, default_module: str) -> type | None:
         return None
 
 
-def _task_class(configs: Sequence[Path]) -> type:
+def task_class(configs: Sequence[Path]) -> type:
     """The task class the configs name (the last ``model.class_path`` wins), checked before any parsing."""
     from .engine.module import TunedModule
 
@@ -280,7 +280,7 @@ def _init_arguments(cls: type) -> list[str]:
     return names
 
 
-def _parse_configs(configs: Sequence[Path]) -> Any:
+def parse_configs(configs: Sequence[Path]) -> Any:
     """The configs parsed exactly as ``monatune fit -c ... -c ...`` parses them, nothing instantiated."""
     import argparse
     import warnings
@@ -373,11 +373,11 @@ def count_config_parameters(
     options = (init_args or {}).get("method_options")
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"`method_options` must be a mapping of option names to values, got {options!r}")
-    cls = _task_class(paths)
+    cls = task_class(paths)
     unknown = sorted((k for k in init_args or {} if k not in _init_arguments(cls)), key=str)
     if unknown:
         raise ValueError(f"unknown init_args {unknown} for {cls.__name__}; it takes {_init_arguments(cls)}")
-    config = _parse_configs(paths)
+    config = parse_configs(paths)
     init = config.model.init_args.as_dict()
     overrides = {k: v for k, v in (init_args or {}).items() if k != "method_options" or v is not None}
     if "method" in overrides:  # another method: the config's options were its method's
@@ -392,6 +392,6 @@ def count_config_parameters(
     else:
         init["num_classes"], classes_from = _data_class_count(config.get("data"))
     task = cls(**init)  # checks the method and its options before anything is built
-    with _parameters_on_meta():
+    with parameters_on_meta():
         task.configure_model()
     return count_task_parameters(task, classes_from=classes_from)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoints.adapter import CONFIG_NAME, read_adapter
 from ..engine.module import TASK_HEAD_FILE, TunedModule
-from ..params import _parameters_on_meta, _parse_configs, _task_class
+from ..params import parameters_on_meta, parse_configs, task_class
 from ..tuning import get_state
 
 __all__ = ["TrainedTask", "load_trained", "TASKS"]
@@ -80,7 +80,7 @@ def _class_count(cls: type, init: dict[str, Any], adapter: Path) -> int:
     the meta device (metrics need 2 or more), and solve for the count from the first tensor whose shape follows it."""
     def shapes(n: int) -> tuple[TunedModule, dict[str, tuple[int, ...]]]:
         task = cls(**{**init, "num_classes": n, "pretrained": None, "adapter": None})
-        with _parameters_on_meta():
+        with parameters_on_meta():
             task.configure_model()
         return task, {k: tuple(v.shape) for k, v in task.model.state_dict().items()}
 
@@ -198,8 +198,8 @@ def load_trained(
     adapter_config = json.loads((adapter / CONFIG_NAME).read_text())
     seed, data = None, {}
     if configs:
-        cls = _task_class(configs)  # a config that names no monatune task: said before the parse lists its fields
-        config = _parse_configs(configs)
+        cls = task_class(configs)  # a config that names no monatune task: said before the parse lists its fields
+        config = parse_configs(configs)
         init = config.model.init_args.as_dict()
         data_config = config.get("data")
         if data_config is not None and data_config.get("init_args") is not None:

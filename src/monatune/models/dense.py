@@ -73,7 +73,8 @@ class DenseMixin:
     def _pad_to_patch(self, x: Tensor, patch: Sequence[int] | None = None) -> Tensor:
         ph, pw = patch or self.patch_embed.patch_size  # type: ignore[attr-defined]
         H, W = x.shape[-2:]
-        return F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
+        # the padded size as a ceiling division: small symbolic sizes under torch.compile (models/swin.py)
+        return F.pad(x, (0, (W + pw - 1) // pw * pw - W, 0, (H + ph - 1) // ph * ph - H))
 
     def _output(self, i: int, x: Tensor) -> Tensor:
         """Output norm ``i`` on an NHWC map, returned as an NCHW view."""

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import (
+    PatchMerging,
     SwinTransformer,
     SwinTransformerBlock,
     WindowAttention,
@@ -45,7 +46,7 @@ from .dense import DenseMixin, create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["TunedSwinBlock", "DenseSwin", "build_dense_swin", "freeze_stages", "release_shift_mask",
-           "prompted_window_attention"]
+           "prompted_window_attention", "ceil_div"]
 
 
 def release_shift_mask(
@@ -136,29 +137,56 @@ class TunedSwinBlock(SwinTransformerBlock, TunedBlockMixin):
     def _release_attn(self, x: Tensor, prompts: Tensor | None) -> tuple[Tensor, Tensor | None]:
         B, H, W, C = x.shape
         wh, ww = self.window_size
-        pad_h, pad_w = (wh - H % wh) % wh, (ww - W % ww) % ww
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # pad to whole windows BEFORE the shift
-        Hp, Wp = H + pad_h, W + pad_w
+        # whole windows as a ceiling division (not ``(w - H % w) % w``): with symbolic sizes under torch.compile
+        # every later shape is then a product of ``(H + w - 1) // w``, which sympy keeps small; the modulo form
+        # nests through every block and patch merging and made a dynamic-shape compile take minutes
+        nh, nw = ceil_div(H, wh), ceil_div(W, ww)
+        Hp, Wp = nh * wh, nw * ww
+        x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))  # pad to whole windows BEFORE the shift
         shifted = any(self.shift_size)
         if shifted:
             x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-            mask = self._cached_mask(Hp, Wp, x)
+            mask = self._shift_mask(Hp, Wp, x)
         else:
             mask = None
-        windows = window_partition(x, self.window_size).view(-1, wh * ww, C)  # nW*B, N, C
+        windows = x.view(B, nh, wh, nw, ww, C).transpose(2, 3).reshape(-1, wh * ww, C)  # nW*B, N, C
         windows, prompt_out = self._window_attention(windows, mask, prompts)
-        x = window_reverse(windows.view(-1, wh, ww, C), self.window_size, Hp, Wp)  # B, Hp, Wp, C
+        x = windows.view(B, nh, nw, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if shifted:
             x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
-        return x[:, :H, :W, :], prompt_out
+        x = x[:, :H, :W, :]
+        if torch.compiler.is_compiling():
+            # contiguous whatever the padding: the crop's strides would otherwise say whether H and W are whole
+            # windows, and every op after it would guard on that (one graph per divisibility pattern of the sizes)
+            x = x.clone(memory_format=torch.contiguous_format)
+        return x, prompt_out
 
-    def _cached_mask(self, hp: int, wp: int, x: Tensor) -> Tensor:
+    def _shift_mask(self, hp: int, wp: int, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # built in the graph: a dict keyed by symbolic sizes would specialise them
+            return release_shift_mask(hp, wp, self.window_size, self.shift_size, x.device, x.dtype)
         key = (hp, wp, x.device, x.dtype)
         cache = self.__dict__.setdefault("_release_mask_cache", {})
         if key not in cache:
             cache.clear()
             cache[key] = release_shift_mask(hp, wp, self.window_size, self.shift_size, x.device, x.dtype)
         return cache[key]
+
+
+def ceil_div(n: int, d: int) -> int:
+    """``ceil(n / d)`` for ints and symbolic sizes alike."""
+    return (n + d - 1) // d
+
+
+class ReleasePatchMerging(PatchMerging):
+    """timm's ``PatchMerging`` (odd sizes padded by one), with the padded size written as ``2 * ceil(H / 2)``
+    so symbolic sizes stay small under torch.compile (see ``TunedSwinBlock._release_attn``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        h, w = ceil_div(H, 2), ceil_div(W, 2)
+        x = F.pad(x, (0, 0, 0, 2 * w - W, 0, 2 * h - H))
+        x = x.reshape(B, h, 2, w, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))
 
 
 class DenseSwin(SwinTransformer, DenseMixin):
@@ -189,7 +217,12 @@ def build_dense_swin(name: str, out_indices: Sequence[int] | None, kwargs: dict[
         if type(block) is SwinTransformerBlock:
             swap_class(block, TunedSwinBlock)
             block.release_windows = True
+        elif type(block) is PatchMerging:
+            swap_class(block, ReleasePatchMerging)
     model.norm = nn.Identity()  # the classifier's final norm is not part of the dense backbone
+    # the input comes padded to the patch size (_pad_to_patch); without this timm checks divisibility with an
+    # f-string naming the size, which specialises a symbolic size under torch.compile (one graph per size)
+    model.patch_embed.dynamic_img_pad = True
     model._describe_stages([i["num_chs"] for i in model.feature_info], [i["reduction"] for i in model.feature_info],
                            out_indices)  # fmt: skip
     return model
