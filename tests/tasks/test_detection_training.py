@@ -16,12 +16,13 @@ from monatune.tasks import ObjectDetector
 BACKBONES = {
     "swin": ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8),
                                               "window_size": 4}),
-    "vit": ("vit_tiny_patch16_224", {"depth": 2}),
+    "vit": ("vit_tiny_patch16_224", {"depth": 2, "embed_dim": 96, "num_heads": 3}),
 }  # fmt: skip
 SMALL_RCNN = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
                   rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=64, box_batch_size_per_image=64)  # fmt: skip
 DETECTOR_KWARGS = {
-    "retinanet": {}, "fcos": {}, "faster_rcnn": SMALL_RCNN, "mask_rcnn": SMALL_RCNN,
+    # mask_rcnn: torchvision's mask head is 256 wide whatever the FPN, so it samples fewer RoIs to stay fast
+    "retinanet": {}, "fcos": {}, "faster_rcnn": SMALL_RCNN, "mask_rcnn": {**SMALL_RCNN, "box_batch_size_per_image": 16},
     "cascade_mask_rcnn": {**SMALL_RCNN, "head_channels": 32},
 }  # fmt: skip
 STEPS = 16
