@@ -101,21 +101,31 @@ def test_a_tuned_dense_backbone_captures_with_dynamic_sizes():
                 torch.testing.assert_close(out[key], expected[key], rtol=1e-5, atol=1e-5)
 
 
-def test_a_dense_swin_is_one_graph_for_every_input_size():
-    """The release's padded windows and timm's patch merging, written as ceiling divisions (models/swin.py):
-    one dynamic graph for sizes that are and are not whole windows, odd or even, where the modulo form
-    compiled a new graph (minutes each) for every size."""
+WINDOWED = {
+    # the last stage has at least two windows a side: a side of one window is a 0/1 size torch specialises;
+    # sizes that are and are not whole windows, odd and even
+    "swin_tiny_patch4_window7_224": ({"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1),
+                                      "window_size": 2}, [(96, 128), (128, 160), (97, 131), (200, 136)]),
+    # padded to 32 as the tasks pad (an odd size adds a second graph: its crop's strides)
+    "hiera_tiny_224": ({"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 1, 1)}, [(64, 96), (96, 128), (128, 64)]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_a_windowed_dense_backbone_is_one_graph_for_every_input_size(name):
+    """Swin: the release's padded windows and timm's patch merging written as ceiling divisions, the shift mask
+    built in the graph (models/swin.py); Hiera: its token order built in the graph (models/hiera.py). Before,
+    each size compiled a new graph (for a Swin-T, minutes each)."""
     from torch._dynamo.testing import CompileCounter
 
     torch.manual_seed(0)
     torch._dynamo.reset()
-    backbone = monatune.build_dense_backbone("swin_tiny_patch4_window7_224", "mona", bottleneck=8, model_kwargs={
-        "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "window_size": 2}).eval()  # fmt: skip
+    model_kwargs, sizes = WINDOWED[name]
+    backbone = monatune.build_dense_backbone(name, "mona", bottleneck=8, model_kwargs=model_kwargs).eval()
     graphs = CompileCounter()  # dynamo alone: the symbolic shapes and guards, no code generation
     compiled = torch.compile(backbone, dynamic=True, backend=graphs)
     with torch.no_grad():
-        # the last stage has at least two windows a side: a side of one window is a 0/1 size torch specialises
-        for size in [(96, 128), (128, 160), (97, 131), (200, 136)]:
+        for size in sizes:
             x = torch.randn(1, 3, *size)
             expected, out = backbone(x), compiled(x)
             for key in expected:

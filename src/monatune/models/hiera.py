@@ -90,20 +90,25 @@ class HieraLayout:
     def _order(self, block_index: int, device: torch.device) -> tuple[tuple[int, ...], Tensor | None, Tensor | None]:
         """Block ``block_index``'s output grid size, the token at each grid position (row-major), and the
         inverse permutation; None for both when the order already is the grid's (the last stage)."""
+        if torch.compiler.is_compiling():  # built in the graph: a dict keyed by symbolic sizes would specialise them
+            return self._build_order(block_index, device)
         key = (self.grid, block_index, device)
         if key not in self._cache:
             if len(self._cache) >= 256:  # a few input sizes' worth of blocks
                 self._cache.clear()
-            reroll = Reroll(self.grid, (1,) * len(self.grid), self.schedule, self.stage_ends, self.q_pool)
-            schedule, size = reroll.schedule[block_index]
-            order = inverse = None
-            if schedule:
-                n = math.prod(size)
-                order = reroll(torch.arange(n, device=device).view(1, n, 1), block_index).flatten()
-                inverse = torch.empty_like(order)
-                inverse[order] = torch.arange(n, device=device)
-            self._cache[key] = (tuple(size), order, inverse)
+            self._cache[key] = self._build_order(block_index, device)
         return self._cache[key]
+
+    def _build_order(self, block_index: int, device: torch.device) -> tuple[tuple[int, ...], Tensor | None, Tensor | None]:
+        reroll = Reroll(self.grid, (1,) * len(self.grid), self.schedule, self.stage_ends, self.q_pool)
+        schedule, size = reroll.schedule[block_index]
+        order = inverse = None
+        if schedule:
+            n = math.prod(size)
+            order = reroll(torch.arange(n, device=device).view(1, n, 1), block_index).flatten()
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(n, device=device)
+        return tuple(size), order, inverse
 
     def size(self, block_index: int) -> tuple[int, ...]:
         """The grid of block ``block_index``'s output."""
