@@ -99,7 +99,9 @@ class HieraLayout:
             self._cache[key] = self._build_order(block_index, device)
         return self._cache[key]
 
-    def _build_order(self, block_index: int, device: torch.device) -> tuple[tuple[int, ...], Tensor | None, Tensor | None]:
+    def _build_order(
+        self, block_index: int, device: torch.device
+    ) -> tuple[tuple[int, ...], Tensor | None, Tensor | None]:
         reroll = Reroll(self.grid, (1,) * len(self.grid), self.schedule, self.stage_ends, self.q_pool)
         schedule, size = reroll.schedule[block_index]
         order = inverse = None
