@@ -31,7 +31,15 @@ from .registry import dense_rule, supported_families
 
 __all__ = [
     "build_dense_backbone", "create_timm_model", "is_hierarchical", "DenseMixin", "stage_indices", "block_indices",
+    "ceil_div",
 ]
+
+
+def ceil_div(n: int, d: int) -> int:
+    """``ceil(n / d)`` for ints and symbolic sizes alike. Padded sizes are written as ``ceil_div(H, w) * w``, not
+    ``H + (w - H % w) % w``: under torch.compile with dynamic shapes the modulo form nests through every stage and
+    sympy takes minutes over it (models/swin.py)."""
+    return (n + d - 1) // d
 
 
 class DenseMixin:
@@ -73,8 +81,7 @@ class DenseMixin:
     def _pad_to_patch(self, x: Tensor, patch: Sequence[int] | None = None) -> Tensor:
         ph, pw = patch or self.patch_embed.patch_size  # type: ignore[attr-defined]
         H, W = x.shape[-2:]
-        # the padded size as a ceiling division: small symbolic sizes under torch.compile (models/swin.py)
-        return F.pad(x, (0, (W + pw - 1) // pw * pw - W, 0, (H + ph - 1) // ph * ph - H))
+        return F.pad(x, (0, ceil_div(W, pw) * pw - W, 0, ceil_div(H, ph) * ph - H))
 
     def _output(self, i: int, x: Tensor) -> Tensor:
         """Output norm ``i`` on an NHWC map, returned as an NCHW view."""

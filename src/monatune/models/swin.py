@@ -42,11 +42,11 @@ from timm.models.swin_transformer import (
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import DenseMixin, create_timm_model
+from .dense import DenseMixin, ceil_div, create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["TunedSwinBlock", "DenseSwin", "build_dense_swin", "freeze_stages", "release_shift_mask",
-           "prompted_window_attention", "ceil_div"]
+           "prompted_window_attention"]
 
 
 def release_shift_mask(
@@ -170,11 +170,6 @@ class TunedSwinBlock(SwinTransformerBlock, TunedBlockMixin):
             cache.clear()
             cache[key] = release_shift_mask(hp, wp, self.window_size, self.shift_size, x.device, x.dtype)
         return cache[key]
-
-
-def ceil_div(n: int, d: int) -> int:
-    """``ceil(n / d)`` for ints and symbolic sizes alike."""
-    return (n + d - 1) // d
 
 
 class ReleasePatchMerging(PatchMerging):
