@@ -172,6 +172,8 @@ def test_supervised_oriented_configs_compose_with_every_method(task):
         assert (data["batch_size"], data["horizontal_boxes"], data["flip"]) == (2, False, "three-way")
         assert (init["score_threshold"], init["nms_iou"], init["max_per_image"]) == (0.05, 0.1, 2000)
         assert (init["box_loss"], init["assign_by_circumhbbox"]) == ("l1", False)
+        if rcnn:  # train_cfg.rpn_proposal and test_cfg.rpn
+            assert (init["nms_pre"], init["max_proposals"]) == (2000, 2000)
         assert (init["test_size"], data.get("full_images")) == ((None, True) if star else (1024, None))
         if star:  # the fork's full-image test: windows of 1024, gap 200; star.py pads to 32
             assert (init["window_size"], init["window_gap"], init["full_image_divisor"], init["window_merge_iou"]) == (1024, 200, 32, 0.4)

@@ -20,6 +20,8 @@ TINY = ["--model.init_args.pretrained", "null", "--model.init_args.model_kwargs"
         "--model.init_args.warmup_steps", "1", "--model.init_args.score_threshold", "0.0",
         "--model.init_args.nms_pre", "100", "--model.init_args.max_per_image", "50",
         "--data.init_args.num_workers", "0", "--data.init_args.size", "96"]  # fmt: skip
+# the DOTA configs evaluate at a long side of 1024 (the release's); the tests' 64-pixel patches need no more than 96
+DOTA_TEST_SIZE = ["--model.init_args.test_size", "96"]
 
 
 def config(name):
@@ -42,7 +44,8 @@ def test_dota_fit_test_submission_and_predict(tmp_path):
     write_oriented_folder(root / "test", 3, classes=classes, layout=None, seed=3,
                           names=["P7__1024__0___0", "P7__1024__40___0", "P8__1024__0___0"])  # fmt: skip
     write_oriented_folder(tmp_path / "orig", 2, classes=classes, layout="labelTxt", names=["P7", "P8"], header=True)
-    args = [*config("dota_h2rbox_swin_b.yaml"), *method("mona"), "--data.init_args.root", str(root), *TINY]
+    args = [*config("dota_h2rbox_swin_b.yaml"), *method("mona"), "--data.init_args.root", str(root), *TINY,
+            *DOTA_TEST_SIZE]  # fmt: skip
     run_dir = tmp_path / "run"
     assert run("fit", *args, "--run_dir", run_dir) == 0
     results = read_json(run_dir / "results.json")
@@ -140,6 +143,10 @@ def test_every_config_trains_with_every_method(small_sets, tmp_path, detector, f
     extra = config(f"variants/{variant}.yaml") if variant else []
     args = [*config(f"{'dota' if folder == 'dota' else 'star'}_{detector}_swin_b.yaml"), *extra, *method(name),
             "--data.init_args.root", str(small_sets / folder), *TINY, "--trainer.max_steps", "1"]  # fmt: skip
+    if folder == "dota":
+        args += DOTA_TEST_SIZE
+    if detector == "oriented_rcnn":  # an untrained RPN's 2000 proposals make the rotated NMS most of the run
+        args += ["--model.init_args.max_proposals", "64"]
     if folder == "star":  # windows smaller than the scenes; for H2RBox the config's square classes
         args += ["--model.init_args.window_size", "64", "--model.init_args.window_gap", "16"]
         if detector == "h2rbox":
@@ -158,3 +165,14 @@ def test_every_config_trains_with_every_method(small_sets, tmp_path, detector, f
     assert run("predict", *args, "--run_dir", run_dir, "--model.init_args.predict_threshold", "0.0") == 0
     rows = read_json(run_dir / "predict" / "predictions.json")
     assert len(rows) == 2 and all(len(r["boxes"]) == len(r["polygons"]) == len(r["scores"]) for r in rows)
+
+
+def test_oriented_rcnn_takes_its_rpn_sizes_from_the_task():
+    from monatune.tasks import OrientedDetector
+
+    task = OrientedDetector("swin_tiny_patch4_window7_224", detector="oriented_rcnn", num_classes=2, pretrained=None,
+                            model_kwargs=SWIN, fpn_channels=16, nms_pre=300, max_proposals=40)  # fmt: skip
+    rpn = task.build_network().rpn
+    assert (rpn.pre_nms_top_n(), rpn.post_nms_top_n()) == (300, 40)
+    with pytest.raises(ValueError, match="max_proposals is an option of oriented_rcnn"):
+        OrientedDetector("swin_tiny_patch4_window7_224", detector="h2rbox_v2p", num_classes=2, max_proposals=40)

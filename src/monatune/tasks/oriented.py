@@ -63,7 +63,8 @@ class OrientedDetector(TunedModule):
             circumscribed horizontal box (the release's ``hbb`` and KLD configs) instead of the rotated box.
         fpn_channels: Width of the FPN and the head.
         score_threshold: Candidates score above this before NMS.
-        nms_pre: Candidates kept per level before NMS.
+        nms_pre: Candidates kept per level before NMS (Oriented R-CNN: the RPN's anchors per level).
+        max_proposals: (Oriented R-CNN) Proposals the RPN keeps per image after its NMS (2000, the release's).
         nms_iou: IoU of the detector's per-class rotated NMS.
         max_per_image: Detections kept per image (or window).
         test_size: Resize evaluation images so the long side is this (DOTA: 1024), or not (STAR: None).
@@ -101,6 +102,7 @@ class OrientedDetector(TunedModule):
         fpn_channels: int = 256,
         score_threshold: float = 0.05,
         nms_pre: int = 2000,
+        max_proposals: int = 2000,
         nms_iou: float = 0.1,
         max_per_image: int = 2000,
         test_size: int | None = None,
@@ -125,6 +127,8 @@ class OrientedDetector(TunedModule):
             raise ValueError(f"unknown box_loss {box_loss!r}; choose from {BOX_LOSSES}")
         if detector != "rotated_retinanet" and (box_loss != "l1" or assign_by_circumhbbox):
             raise ValueError(f"box_loss and assign_by_circumhbbox are options of rotated_retinanet, not {detector}")
+        if detector != "oriented_rcnn" and max_proposals != 2000:
+            raise ValueError(f"max_proposals is an option of oriented_rcnn, not {detector}")
         if detector != "h2rbox_v2p" and (square_classes or resize_classes):
             raise ValueError(f"square_classes and resize_classes are options of h2rbox_v2p, not {detector}")
         if ap_method not in ("11point", "area"):
@@ -140,6 +144,7 @@ class OrientedDetector(TunedModule):
         self.prob_rot, self.view_range, self.fpn_channels = prob_rot, tuple(view_range), fpn_channels
         self.box_loss, self.assign_by_circumhbbox = box_loss, bool(assign_by_circumhbbox)
         self.score_threshold, self.nms_pre, self.nms_iou, self.max_per_image = score_threshold, nms_pre, nms_iou, max_per_image
+        self.max_proposals = max_proposals
         self.test_size, self.size_divisor, self.full_image_divisor = test_size, size_divisor, full_image_divisor
         self.window = dict(size=window_size, gap=window_gap, rate_threshold=window_rate_threshold, batch=window_batch,
                            merge_iou=window_merge_iou, pad_divisor=full_image_divisor,
@@ -180,7 +185,8 @@ class OrientedDetector(TunedModule):
             max_per_image=self.max_per_image, test_size=self.test_size, size_divisor=self.size_divisor,
         )  # fmt: skip
         if self.detector == "oriented_rcnn":
-            return oriented.build_oriented_rcnn(self.backbone_name, **common)
+            return oriented.build_oriented_rcnn(self.backbone_name, **common, rpn_nms_pre=self.nms_pre,
+                                                rpn_max_proposals=self.max_proposals)
         if self.detector == "rotated_retinanet":
             return oriented.build_rotated_retinanet(
                 self.backbone_name, **common, nms_pre=self.nms_pre, box_loss=self.box_loss,
