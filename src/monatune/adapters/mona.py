@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bottleneck import check_init, init_linears
+from .compiled_conv import depthwise_conv2d
 
 __all__ = ["Mona", "MonaOp", "check_mona_options", "set_mona_impl", "MONA_IMPLS"]
 
@@ -125,7 +126,13 @@ class MonaOp(nn.Module):
             #   for s in (5, 7): f(torch.randn(2, s, s, 8, requires_grad=True), torch.randn(8, 1, 3, 3)).sum().backward()
             # A contiguous NCHW copy is saved instead (compiled code only; eager keeps the view).
             x = x.contiguous()
-        y = F.conv2d(x, weight, bias, padding=size // 2, groups=self.channels)
+        training_graph = torch.is_grad_enabled() and not torch.compiler.is_exporting()
+        if torch.compiler.is_compiling() and training_graph:
+            # a compiled training graph: inductor's lowering of the convolution's backward fixes the map's
+            # size (one graph per size under dynamic=True); an opaque operator calls the same kernels
+            y = depthwise_conv2d(x, weight, bias, size // 2)
+        else:
+            y = F.conv2d(x, weight, bias, padding=size // 2, groups=self.channels)
         y = y.permute(0, 2, 3, 1)  # B, H, W, C (a view)
         # projector(m) + m == m @ (P + I)^T + b: one pointwise product instead of two passes.
         proj = self.projector.weight.flatten(1)
