@@ -26,6 +26,27 @@ def _compare_grads(a: torch.nn.Module, b: torch.nn.Module, rtol: float = 1e-4, a
             torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def _vit_and_twin(method: str, **options) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A tiny tuned ViT and an eager copy with the same weights."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TINY_VIT)
+    monatune.apply(model, method, **options)
+    twin = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TINY_VIT)
+    monatune.apply(twin, method, **options)
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+def _step_matches_eager(compiled, model, twin, size, rtol: float, atol: float) -> None:
+    """Forward and backward of ``compiled`` at ``size``: output and every gradient equal to ``twin``'s."""
+    model.zero_grad(), twin.zero_grad()
+    x = torch.randn(2, 3, *size)
+    y, expected = compiled(x), twin(x)
+    torch.testing.assert_close(y, expected, rtol=rtol, atol=atol)
+    y.square().sum().backward()
+    expected.square().sum().backward()
+    _compare_grads(twin, model)
+
+
 # Inductor's C++ backend vectorises each kernel only after an analysis that runs sympy over every symbolic
 # stride (``TilingSelect``): on two cores that analysis was half of a cold dynamic compile (a tiny ViT's inference:
 # 64 s with it, 46 s without). The inductor tests below turn vectorisation off (``cpp.simdlen=1``): the same
@@ -38,22 +59,12 @@ def test_a_mona_tuned_classifier_trains_under_inductor_with_dynamic_sizes():
     (a saved channels-last view, see MonaOp.forward; and layout optimisation, see monatune.compiling)."""
     torch.manual_seed(0)
     torch._dynamo.reset()
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TINY_VIT)
-    monatune.apply(model, "mona", bottleneck=8, dropout=0.0)
-    twin = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TINY_VIT)
-    monatune.apply(twin, "mona", bottleneck=8, dropout=0.0)
-    twin.load_state_dict(model.state_dict())
+    model, twin = _vit_and_twin("mona", bottleneck=8, dropout=0.0)
     compiled = torch.compile(model, dynamic=True, fullgraph=True, options=SCALAR_INDUCTOR)
     model.train(), twin.train()
     graphs = []  # dynamo's count after each size (a cold inductor cache may add graphs of its own at the first)
     for size in [(48, 80), (64, 112)]:  # tokens with a class token: Mona's prefix path
-        model.zero_grad(), twin.zero_grad()
-        x = torch.randn(2, 3, *size)
-        y, expected = compiled(x), twin(x)
-        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
-        y.square().sum().backward()
-        expected.square().sum().backward()
-        _compare_grads(twin, model)
+        _step_matches_eager(compiled, model, twin, size, rtol=1e-4, atol=1e-5)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[0]  # no recompile for the second size
 
@@ -64,21 +75,11 @@ def test_every_method_captures_whole_with_dynamic_sizes(method):
     no dropout to draw differently; gradients still flow)."""
     torch.manual_seed(0)
     torch._dynamo.reset()
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TINY_VIT)
-    monatune.apply(model, method)
-    twin = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TINY_VIT)
-    monatune.apply(twin, method)
-    twin.load_state_dict(model.state_dict())
+    model, twin = _vit_and_twin(method)
     model.eval(), twin.eval()
     compiled = torch.compile(model, dynamic=True, backend="aot_eager", fullgraph=True)
     for size in [(32, 48), (64, 32)]:
-        model.zero_grad(), twin.zero_grad()
-        x = torch.randn(2, 3, *size)
-        y, expected = compiled(x), twin(x)
-        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
-        y.square().sum().backward()
-        expected.square().sum().backward()
-        _compare_grads(twin, model)
+        _step_matches_eager(compiled, model, twin, size, rtol=1e-5, atol=1e-6)
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
