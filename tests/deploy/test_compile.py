@@ -184,7 +184,11 @@ def test_the_compile_option_compiles_the_classifier_and_trains():
 
 def test_a_detector_compiled_by_inductor_trains_on_its_size_buckets():
     """The ``compile`` option's default (inductor, static shapes) on a LoRA-tuned RetinaNet: its backbone and FPN see
-    only the bucket's size, and the losses and gradients are those of the same network run by dynamo alone."""
+    only the bucket's size, and the losses and gradients are those of the same network run by dynamo alone.
+
+    In float64: the head's ReLUs have inputs at (or within 1e-7 of) zero, where float32 rounding picks the subgradient,
+    and with one positive anchor that moved some float32 gradients by 1% between any two runs (dynamo alone was as far
+    from a float64 run as inductor was)."""
     from monatune.tasks.detection import ObjectDetector
 
     torch.manual_seed(0)
@@ -197,24 +201,19 @@ def test_a_detector_compiled_by_inductor_trains_on_its_size_buckets():
     ]  # fmt: skip
     for task in tasks:
         task.configure_model()
-        task.train()
+        task.train().double()
     compiled, reference = tasks
     reference.model.load_state_dict(compiled.model.state_dict())
     seen = []
     compiled.model.backbone.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
-    target = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}
+    target = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]], dtype=torch.float64), "labels": torch.tensor([1])}
     for size in [(64, 80), (72, 96), (96, 64)]:  # three padded sizes, one bucket
-        image = torch.rand(3, *size)
+        image = torch.rand(3, *size, dtype=torch.float64)
         losses, expected = (task.model([image.clone()], [dict(target)]) for task in tasks)
         for key in expected:
-            torch.testing.assert_close(losses[key], expected[key], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(losses[key], expected[key], rtol=1e-10, atol=1e-12)
         for task, loss in ((compiled, losses), (reference, expected)):
             task.model.zero_grad()
             sum(loss.values()).backward()
-        # each parameter's gradient compared as a whole, by relative norm. Seen at one thread: the simple pyramid's
-        # up2 (transposed convolution) weight gradient 1% off eager's, the others close; not explained yet (issue 21)
-        for (name, p), q in zip(reference.model.named_parameters(), compiled.model.parameters()):
-            assert (p.grad is None) == (q.grad is None), name
-            if p.grad is not None:
-                assert (p.grad - q.grad).norm() <= 5e-2 * p.grad.norm() + 1e-6, name
+        _compare_grads(reference.model, compiled.model, rtol=1e-7, atol=1e-10)
     assert seen == [(128, 128)] * 3
