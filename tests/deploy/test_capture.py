@@ -88,3 +88,64 @@ def test_torch_jit_script_takes_what_timm_scripting_takes(method):
         expected = model(x)
         deployable = model if method == "bitfit" else fold(model, inplace=False)  # LoRA merged: plain timm
         torch.testing.assert_close(torch.jit.script(deployable)(x), expected, rtol=1e-4, atol=1e-5)
+
+
+class _Tensors(torch.nn.Module):
+    """A dense network's dict of maps as a tuple: what tracing and the ONNX exporters take as outputs."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.network(x).values())
+
+
+DENSE_SWIN = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 2}
+
+
+def _dense_network(task: str) -> torch.nn.Module:
+    """A Mona-tuned UperNet, or a Mona-tuned RetinaNet's backbone and FPN (what a detector exports), in eval."""
+    from monatune.tasks import ObjectDetector, SemanticSegmenter
+
+    torch.manual_seed(0)
+    options = {"method": "mona", "method_options": {"bottleneck": 8}, "model_kwargs": DENSE_SWIN}
+    if task == "segmenter":
+        module = SemanticSegmenter("swin_tiny_patch4_window7_224", num_classes=3, channels=8, aux_channels=8, **options)
+    else:
+        module = ObjectDetector("swin_tiny_patch4_window7_224", detector="retinanet", num_classes=2, fpn_channels=16,
+                                min_size=64, max_size=64, **options)  # fmt: skip
+    module.configure_model()
+    with torch.no_grad():
+        for _, _, adapter in monatune.adapter_modules(module.tuned):
+            for p in adapter.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    network = module.model if task == "segmenter" else module.model.backbone
+    return _Tensors(network).eval()
+
+
+@pytest.mark.parametrize("task", ["segmenter", "detector"])
+def test_dense_task_networks_trace_and_export(tmp_path, task):
+    """The segmenter and the detector's backbone + FPN under torch.jit.trace and torch.export, and the detector's under
+    the TorchScript ONNX exporter (``monatune export`` runs torch.export and the dynamo exporter on both:
+    tests/deploy/test_export.py). The TorchScript exporter cannot translate UperNet's pyramid pooling (adaptive pooling
+    of a map whose size its shape inference lost) nor a dense ViT's position embedding resampled to the grid
+    (antialiased bicubic, ``aten::_upsample_bicubic2d_aa``); the dynamo exporter can."""
+    network, x = _dense_network(task), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = network(x)
+        captured = {
+            "trace": torch.jit.trace(network, x, check_trace=False)(x),
+            "export": torch.export.export(network, (x,)).module()(x),
+        }
+        if task == "detector":
+            pytest.importorskip("onnx")
+            torch.onnx.export(network, (x,), str(tmp_path / "net.onnx"), dynamo=False, input_names=["image"])
+            session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+            captured["onnx"] = [torch.from_numpy(a) for a in session.run(None, {"image": x.numpy()})]
+    assert len(expected) == (1 if task == "segmenter" else 5)
+    for how, outputs in captured.items():
+        assert len(outputs) == len(expected), how
+        for found, want in zip(outputs, expected):
+            atol = 1e-4 * want.abs().max().item()
+            torch.testing.assert_close(found, want, rtol=1e-4, atol=atol, msg=lambda m: f"{how}: {m}")
