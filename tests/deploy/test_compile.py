@@ -109,8 +109,12 @@ WINDOWED = {
                                       "window_size": 2}, [(96, 128), (128, 160), (97, 131), (200, 136)]),
     # padded to 32 as the tasks pad (an odd size adds a second graph: its crop's strides)
     "hiera_tiny_224": ({"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 1, 1)}, [(64, 96), (96, 128), (128, 64)]),
+    # SAM ViT: its window partition, crop and relative positions written for symbolic sizes (models/sam_vit.py); a
+    # map side equal to the pretrained grid's (4 here) is a second graph: there timm does not resample positions
+    "samvit_base_patch16": ({"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2, "window_size": 3,
+                             "global_attn_indexes": (1,)}, [(80, 96), (97, 131), (128, 80)]),
     # other families: any size, or sizes padded to 32 (ConvNeXt's stem and downsampling convs guard on the rest);
-    # not yet timm's SAM ViT (a graph per size) and Swin V2 (minutes to capture): README, "Compiled training"
+    # not yet timm's Swin V2 (minutes to capture): README, "Compiled training"
     "eva02_tiny_patch14_224": ({"depth": 1}, [(64, 96), (97, 131), (128, 64)]),
     "resnet18": ({"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}, [(64, 96), (97, 131), (128, 64)]),
     "convnext_tiny": ({"dims": (16, 32, 64, 128), "depths": (1, 1, 1, 1)}, [(64, 96), (96, 128), (128, 64)]),
@@ -120,8 +124,8 @@ WINDOWED = {
 @pytest.mark.parametrize("name", list(WINDOWED))
 def test_a_dense_backbone_is_one_graph_for_every_input_size(name):
     """Swin: the release's padded windows and timm's patch merging written as ceiling divisions, the shift mask
-    built in the graph (models/swin.py); Hiera: its token order built in the graph (models/hiera.py). Before,
-    each size compiled a new graph (for a Swin-T, minutes each)."""
+    built in the graph (models/swin.py); Hiera: its token order built in the graph (models/hiera.py); SAM ViT (see
+    models/sam_vit.py). Before, each size compiled a new graph (for a Swin-T, minutes each)."""
     from torch._dynamo.testing import CompileCounter
 
     torch.manual_seed(0)

@@ -21,22 +21,82 @@ The dense backbone (:class:`DenseSamViT`) returns four evenly spaced blocks' out
 the patch stride (16), each through an output norm, like :class:`monatune.models.vit.DenseViT`;
 the neck is dropped (the detection and segmentation heads build their own pyramid). Any input
 size: it is zero-padded to a multiple of the patch size, timm resamples the absolute position
-embedding and interpolates the global blocks' relative positions to the map, and windowed
-blocks pad the map to whole windows themselves.
+embedding, the global blocks' relative positions are interpolated to the map, and windowed
+blocks pad the map to whole windows themselves. The dense backbone's blocks and attentions run
+monatune's window partition and relative positions (timm's results, written so that
+``torch.compile(dynamic=True)`` builds one graph for every input size).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from timm.models.vision_transformer_sam import Block, VisionTransformerSAM, window_partition, window_unpartition
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer_sam import Attention, Block, VisionTransformerSAM
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import create_timm_model
+from .dense import ceil_div, create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 from .vit import _DenseTokens
 
-__all__ = ["TunedSamViTBlock", "DenseSamViT", "build_dense_sam_vit"]
+__all__ = ["TunedSamViTBlock", "SamRelPosAttention", "DenseSamViT", "build_dense_sam_vit"]
+
+
+# timm's window_partition / window_unpartition and get_rel_pos, with the same results, written so that a symbolic
+# size under torch.compile(dynamic=True) is neither fixed nor nested: timm pads with ``(w - H % w) % w`` (modulos that
+# nest through the blocks, see monatune.models.swin) and sizes the relative positions with ``int(...)`` (which fixes
+# the map's size: a graph per input size).
+def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nh * nw, window, window, C), zero-padded to whole windows; and (nh, nw)."""
+    B, H, W, C = x.shape
+    nh, nw = ceil_div(H, window), ceil_div(W, window)
+    x = F.pad(x, (0, 0, 0, nw * window - W, 0, nh * window - H))
+    x = x.view(B, nh, window, nw, window, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window, window, C), (nh, nw)
+
+
+def window_unpartition(windows: Tensor, window: int, hw: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """The inverse of :func:`window_partition`, cropped back to ``hw``."""
+    (H, W), (nh, nw) = hw, grid
+    x = windows.view(-1, nh, nw, window, window, windows.shape[-1]).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(x.shape[0], nh * window, nw * window, -1)[:, :H, :W]
+    if torch.compiler.is_compiling():  # a copy whatever the padding: see TunedSwinBlock._release_attn
+        return x.clone(memory_format=torch.contiguous_format)
+    return x.contiguous()
+
+
+def relative_positions(size: int, rel_pos: Tensor) -> Tensor:
+    """timm's ``get_rel_pos`` for queries and keys on the same side (self-attention): (size, size, C)."""
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:  # resampled linearly, as timm does
+        rel_pos = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length, mode="linear")
+        rel_pos = rel_pos.reshape(-1, length).permute(1, 0)
+    coords = torch.arange(size, device=rel_pos.device)
+    return rel_pos[coords[:, None] - coords[None, :] + (size - 1)]
+
+
+class SamRelPosAttention(Attention):
+    """timm's SAM ``Attention`` with relative positions, the bias built by :func:`relative_positions` (swapped in)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, _ = x.shape
+        N = H * W
+        qkv = self.qkv(x.reshape(B, N, -1)).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.num_heads, N, -1).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        r_q = q.reshape(q.shape[0], H, W, -1)  # timm's get_decomposed_rel_pos_bias
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, relative_positions(H, self.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, relative_positions(W, self.rel_pos_w))
+        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(-1, N, N)
+        if self.fused_attn:
+            dropout = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+            x = self.attn_drop(attn) @ v
+        x = x.view(B, self.num_heads, N, -1).transpose(1, 2).reshape(B, N, -1)
+        return self.proj_drop(self.proj(x)).view(B, H, W, -1)
 
 
 class TunedSamViTBlock(Block, TunedBlockMixin):
@@ -45,12 +105,11 @@ class TunedSamViTBlock(Block, TunedBlockMixin):
     def forward(self, x: Tensor) -> Tensor:  # B, H, W, C
         H, W = x.shape[1:3]
         y = self.norm1(x)
-        pad_hw = None
         if self.window_size > 0:
-            y, pad_hw = window_partition(y, self.window_size)  # B * windows, size, size, C
+            y, grid = window_partition(y, self.window_size)  # B * windows, size, size, C
         y = self._branch("attn_out", self.ls1(self.attn(y)), self.drop_path1)
         if self.window_size > 0:
-            y = window_unpartition(y, self.window_size, (H, W), pad_hw)  # B, H, W, C
+            y = window_unpartition(y, self.window_size, (H, W), grid)  # B, H, W, C
         x = self._adapt("after_attn", x + y)
         x = self._mlp_residual(x, self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
         return self._adapt("after_mlp", x)
@@ -69,6 +128,15 @@ def build_dense_sam_vit(name: str, out_indices: Sequence[int] | None, kwargs: di
         raise ValueError(f"{name!r} builds a timm {type(model).__name__}, not a VisionTransformerSAM")
     swap_class(model, DenseSamViT)
     model.neck = nn.Identity()  # the maps are taken before it
+    # one graph for every input size under torch.compile(dynamic=True): the input comes padded to the patch size
+    # (without this timm's divisibility check formats the size into a message, fixing it), the tuned block's
+    # window partition and the attention's relative positions written for symbolic sizes (see window_partition)
+    model.patch_embed.dynamic_img_pad = True
+    for module in model.modules():
+        if type(module) is Block:
+            swap_class(module, TunedSamViTBlock)
+        elif type(module) is Attention and module.use_rel_pos:
+            swap_class(module, SamRelPosAttention)
     model._describe_blocks(out_indices)
     return model
 

@@ -78,6 +78,32 @@ def test_dense_backbone_any_size():
     check_identity(plain, torch.randn(1, 3, 45, 71), "mona", bottleneck=8)  # resampled positions, padded windows
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_dense_backbone_computes_what_timm_computes(fused):
+    """The dense backbone's own window partition and relative positions (written for symbolic sizes: one graph for
+    every size under torch.compile, tests/deploy/test_compile.py) give timm's block outputs, with windows padded and
+    the global block's relative positions resampled (a 6 x 7 map, not the 4 x 4 they were made for)."""
+    kwargs = dict(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,))
+    backbone = build_dense_backbone("samvit_base_patch16", model_kwargs=kwargs).eval()
+    torch.manual_seed(0)
+    timm_model = VisionTransformerSAM(patch_size=16, use_rel_pos=True, **kwargs).eval()
+    with torch.no_grad():
+        for p in timm_model.parameters():
+            p.normal_(0.0, 0.2)
+    backbone.load_state_dict(timm_model.state_dict(), strict=False)
+    for model in (backbone, timm_model):
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = fused
+    x = torch.randn(2, 3, 96, 112)
+    with torch.no_grad():
+        options = dict(indices=[0, 1], norm=False, output_fmt="NCHW", intermediates_only=True)
+        found, expected = (m.forward_intermediates(x, **options) for m in (backbone, timm_model))
+    for f, e in zip(found, expected, strict=True):
+        assert f.shape == (2, 32, 6, 7)
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
+
+
 def test_params_cli_counts_the_monas(capsys):
     assert main(["params", "samvit_base_patch16", "--method", "mona", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
