@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import timm
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,7 +32,7 @@ from .registry import dense_rule, supported_families
 
 __all__ = [
     "build_dense_backbone", "create_timm_model", "is_hierarchical", "DenseMixin", "stage_indices", "block_indices",
-    "ceil_div",
+    "ceil_div", "crop",
 ]
 
 
@@ -40,6 +41,14 @@ def ceil_div(n: int, d: int) -> int:
     ``H + (w - H % w) % w``: under torch.compile with dynamic shapes the modulo form nests through every stage and
     sympy takes minutes over it (models/swin.py)."""
     return (n + d - 1) // d
+
+
+def crop(x: Tensor, H: int, W: int) -> Tensor:
+    """An NHWC map padded to whole windows, cropped back to ``H x W`` (a view). Under torch.compile a contiguous copy
+    whatever the padding: the crop's strides would otherwise say whether H and W are whole windows, and every op
+    after it would guard on that (one graph per divisibility pattern of the sizes)."""
+    x = x[:, :H, :W]
+    return x.clone(memory_format=torch.contiguous_format) if torch.compiler.is_compiling() else x
 
 
 class DenseMixin:

@@ -36,7 +36,7 @@ from timm.models.vision_transformer_sam import Attention, Block, VisionTransform
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import ceil_div, create_timm_model
+from .dense import ceil_div, create_timm_model, crop
 from .registry import BlockRule, DenseRule, register_block, register_dense
 from .vit import _DenseTokens
 
@@ -60,10 +60,7 @@ def window_unpartition(windows: Tensor, window: int, hw: tuple[int, int], grid: 
     """The inverse of :func:`window_partition`, cropped back to ``hw``."""
     (H, W), (nh, nw) = hw, grid
     x = windows.view(-1, nh, nw, window, window, windows.shape[-1]).permute(0, 1, 3, 2, 4, 5)
-    x = x.reshape(x.shape[0], nh * window, nw * window, -1)[:, :H, :W]
-    if torch.compiler.is_compiling():  # a copy whatever the padding: see TunedSwinBlock._release_attn
-        return x.clone(memory_format=torch.contiguous_format)
-    return x.contiguous()
+    return crop(x.reshape(x.shape[0], nh * window, nw * window, -1), H, W).contiguous()
 
 
 def relative_positions(size: int, rel_pos: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ from timm.models.swin_transformer import (
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import DenseMixin, ceil_div, create_timm_model
+from .dense import DenseMixin, ceil_div, create_timm_model, crop
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["TunedSwinBlock", "DenseSwin", "build_dense_swin", "freeze_stages", "release_shift_mask",
@@ -154,12 +154,7 @@ class TunedSwinBlock(SwinTransformerBlock, TunedBlockMixin):
         x = windows.view(B, nh, nw, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if shifted:
             x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
-        x = x[:, :H, :W, :]
-        if torch.compiler.is_compiling():
-            # contiguous whatever the padding: the crop's strides would otherwise say whether H and W are whole
-            # windows, and every op after it would guard on that (one graph per divisibility pattern of the sizes)
-            x = x.clone(memory_format=torch.contiguous_format)
-        return x, prompt_out
+        return crop(x, H, W), prompt_out
 
     def _shift_mask(self, hp: int, wp: int, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # built in the graph: a dict keyed by symbolic sizes would specialise them
