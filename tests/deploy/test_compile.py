@@ -113,8 +113,10 @@ WINDOWED = {
     # map side equal to the pretrained grid's (4 here) is a second graph: there timm does not resample positions
     "samvit_base_patch16": ({"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2, "window_size": 3,
                              "global_attn_indexes": (1,)}, [(80, 96), (97, 131), (128, 80)]),
-    # other families: any size, or sizes padded to 32 (ConvNeXt's stem and downsampling convs guard on the rest);
-    # not yet timm's Swin V2 (minutes to capture): README, "Compiled training"
+    # timm's Swin V2: its blocks and patch merging as Swin's (models/swin_v2.py); windows of 4, shifted in stage 0
+    "swinv2_tiny_window8_256": ({"img_size": 64, "window_size": 4, "embed_dim": 16, "depths": (2, 1, 1, 1),
+                                 "num_heads": (1, 1, 1, 1)}, [(96, 128), (97, 131), (200, 136)]),
+    # other families: any size, or sizes padded to 32 (ConvNeXt's stem and downsampling convs guard on the rest)
     "eva02_tiny_patch14_224": ({"depth": 1}, [(64, 96), (97, 131), (128, 64)]),
     "resnet18": ({"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}, [(64, 96), (97, 131), (128, 64)]),
     "convnext_tiny": ({"dims": (16, 32, 64, 128), "depths": (1, 1, 1, 1)}, [(64, 96), (96, 128), (128, 64)]),

@@ -32,7 +32,7 @@ from .registry import dense_rule, supported_families
 
 __all__ = [
     "build_dense_backbone", "create_timm_model", "is_hierarchical", "DenseMixin", "stage_indices", "block_indices",
-    "ceil_div", "crop",
+    "ceil_div", "crop", "window_partition", "window_unpartition",
 ]
 
 
@@ -49,6 +49,23 @@ def crop(x: Tensor, H: int, W: int) -> Tensor:
     after it would guard on that (one graph per divisibility pattern of the sizes)."""
     x = x[:, :H, :W]
     return x.clone(memory_format=torch.contiguous_format) if torch.compiler.is_compiling() else x
+
+
+def window_partition(x: Tensor, window: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nh * nw, wh, ww, C), zero-padded on the right and bottom to whole windows; and the
+    grid (nh, nw). timm's partition (row-major windows of row-major tokens), padded with :func:`ceil_div`."""
+    B, H, W, C = x.shape
+    (wh, ww), nh, nw = window, ceil_div(H, window[0]), ceil_div(W, window[1])
+    x = F.pad(x, (0, 0, 0, nw * ww - W, 0, nh * wh - H))
+    x = x.view(B, nh, wh, nw, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh, ww, C), (nh, nw)
+
+
+def window_unpartition(windows: Tensor, hw: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """The inverse of :func:`window_partition` for windows (B * nh * nw, wh, ww, C), cropped back to ``hw``."""
+    (H, W), (nh, nw), (wh, ww, C) = hw, grid, windows.shape[1:]
+    x = windows.view(-1, nh, nw, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return crop(x.reshape(x.shape[0], nh * wh, nw * ww, C), H, W).contiguous()
 
 
 class DenseMixin:

@@ -36,33 +36,16 @@ from timm.models.vision_transformer_sam import Attention, Block, VisionTransform
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import ceil_div, create_timm_model, crop
+from .dense import create_timm_model, window_partition, window_unpartition
 from .registry import BlockRule, DenseRule, register_block, register_dense
 from .vit import _DenseTokens
 
 __all__ = ["TunedSamViTBlock", "SamRelPosAttention", "DenseSamViT", "build_dense_sam_vit"]
 
 
-# timm's window_partition / window_unpartition and get_rel_pos, with the same results, written so that a symbolic
-# size under torch.compile(dynamic=True) is neither fixed nor nested: timm pads with ``(w - H % w) % w`` (modulos that
-# nest through the blocks, see monatune.models.swin) and sizes the relative positions with ``int(...)`` (which fixes
-# the map's size: a graph per input size).
-def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
-    """(B, H, W, C) -> (B * nh * nw, window, window, C), zero-padded to whole windows; and (nh, nw)."""
-    B, H, W, C = x.shape
-    nh, nw = ceil_div(H, window), ceil_div(W, window)
-    x = F.pad(x, (0, 0, 0, nw * window - W, 0, nh * window - H))
-    x = x.view(B, nh, window, nw, window, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window, window, C), (nh, nw)
-
-
-def window_unpartition(windows: Tensor, window: int, hw: tuple[int, int], grid: tuple[int, int]) -> Tensor:
-    """The inverse of :func:`window_partition`, cropped back to ``hw``."""
-    (H, W), (nh, nw) = hw, grid
-    x = windows.view(-1, nh, nw, window, window, windows.shape[-1]).permute(0, 1, 3, 2, 4, 5)
-    return crop(x.reshape(x.shape[0], nh * window, nw * window, -1), H, W).contiguous()
-
-
+# timm's get_rel_pos, with the same results, written so that a symbolic size under torch.compile(dynamic=True) is
+# not fixed: timm sizes the relative positions with ``int(...)`` (which fixes the map's size: a graph per input size).
+# The windows are monatune.models.dense's, for the same reason (timm pads with the modulo form).
 def relative_positions(size: int, rel_pos: Tensor) -> Tensor:
     """timm's ``get_rel_pos`` for queries and keys on the same side (self-attention): (size, size, C)."""
     length = 2 * size - 1
@@ -103,10 +86,10 @@ class TunedSamViTBlock(Block, TunedBlockMixin):
         H, W = x.shape[1:3]
         y = self.norm1(x)
         if self.window_size > 0:
-            y, grid = window_partition(y, self.window_size)  # B * windows, size, size, C
+            y, grid = window_partition(y, (self.window_size,) * 2)  # B * windows, size, size, C
         y = self._branch("attn_out", self.ls1(self.attn(y)), self.drop_path1)
         if self.window_size > 0:
-            y = window_unpartition(y, self.window_size, (H, W), grid)  # B, H, W, C
+            y = window_unpartition(y, (H, W), grid)  # B, H, W, C
         x = self._adapt("after_attn", x + y)
         x = self._mlp_residual(x, self.ls2(self.mlp(self.norm2(x))), self.drop_path2)
         return self._adapt("after_mlp", x)

@@ -45,8 +45,8 @@ from .base import TunedBlockMixin, swap_class
 from .dense import DenseMixin, ceil_div, create_timm_model, crop
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
-__all__ = ["TunedSwinBlock", "DenseSwin", "build_dense_swin", "freeze_stages", "release_shift_mask",
-           "prompted_window_attention"]
+__all__ = ["TunedSwinBlock", "DenseSwin", "build_dense_swin", "freeze_stages", "release_shift_mask", "shift_mask",
+           "merge_patches", "prompted_window_attention"]
 
 
 def release_shift_mask(
@@ -146,7 +146,7 @@ class TunedSwinBlock(SwinTransformerBlock, TunedBlockMixin):
         shifted = any(self.shift_size)
         if shifted:
             x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-            mask = self._shift_mask(Hp, Wp, x)
+            mask = shift_mask(self, Hp, Wp, x)
         else:
             mask = None
         windows = x.view(B, nh, wh, nw, ww, C).transpose(2, 3).reshape(-1, wh * ww, C)  # nW*B, N, C
@@ -156,27 +156,36 @@ class TunedSwinBlock(SwinTransformerBlock, TunedBlockMixin):
             x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
         return crop(x, H, W), prompt_out
 
-    def _shift_mask(self, hp: int, wp: int, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # built in the graph: a dict keyed by symbolic sizes would specialise them
-            return release_shift_mask(hp, wp, self.window_size, self.shift_size, x.device, x.dtype)
-        key = (hp, wp, x.device, x.dtype)
-        cache = self.__dict__.setdefault("_release_mask_cache", {})
-        if key not in cache:
-            cache.clear()
-            cache[key] = release_shift_mask(hp, wp, self.window_size, self.shift_size, x.device, x.dtype)
-        return cache[key]
+
+def shift_mask(block: nn.Module, hp: int, wp: int, x: Tensor) -> Tensor:
+    """``release_shift_mask`` for ``block``'s window and shift on an hp x wp map like ``x``, kept on the block for
+    the last size seen (a dense backbone sees one size per batch)."""
+    args = (hp, wp, block.window_size, block.shift_size, x.device, x.dtype)
+    if torch.compiler.is_compiling():  # built in the graph: a dict keyed by symbolic sizes would specialise them
+        return release_shift_mask(*args)
+    key = (hp, wp, x.device, x.dtype)
+    cache = block.__dict__.setdefault("_release_mask_cache", {})
+    if key not in cache:
+        cache.clear()
+        cache[key] = release_shift_mask(*args)
+    return cache[key]
+
+
+def merge_patches(x: Tensor) -> Tensor:
+    """timm's patch merging gather (odd sizes padded by one): (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 4C), the
+    padded size written as ``2 * ceil(H / 2)`` so symbolic sizes stay small under torch.compile (see
+    ``TunedSwinBlock._release_attn``)."""
+    B, H, W, C = x.shape
+    h, w = ceil_div(H, 2), ceil_div(W, 2)
+    x = F.pad(x, (0, 0, 0, 2 * w - W, 0, 2 * h - H))
+    return x.reshape(B, h, 2, w, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
 
 
 class ReleasePatchMerging(PatchMerging):
-    """timm's ``PatchMerging`` (odd sizes padded by one), with the padded size written as ``2 * ceil(H / 2)``
-    so symbolic sizes stay small under torch.compile (see ``TunedSwinBlock._release_attn``)."""
+    """timm's Swin v1 ``PatchMerging`` (norm, then reduction) on :func:`merge_patches`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        B, H, W, C = x.shape
-        h, w = ceil_div(H, 2), ceil_div(W, 2)
-        x = F.pad(x, (0, 0, 0, 2 * w - W, 0, 2 * h - H))
-        x = x.reshape(B, h, 2, w, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        return self.reduction(self.norm(x))
+        return self.reduction(self.norm(merge_patches(x)))
 
 
 class DenseSwin(SwinTransformer, DenseMixin):

@@ -20,9 +20,11 @@ LoRA. The attention's ``qkv`` linear has no bias of its own; timm keeps separate
 ``qkv_bias_separate`` path (``qkv(x) + bias``, the same result) when it tunes ``qkv``, as for EVA.
 
 The dense backbone (:class:`DenseSwinV2`) returns stage i's output through its output norm
-``norm{i}``, strides 4, 8, 16, 32, for any input size: timm builds the shift masks per forward
-(``strict_img_size=False``), pads each map to whole windows and pads odd maps before patch merging;
-the input is zero-padded on the right/bottom to a multiple of the patch size. Window sizes are
+``norm{i}``, strides 4, 8, 16, 32, for any input size: as timm does with ``strict_img_size=False``,
+each block shifts, pads the map to whole windows and builds the shift mask on the padded map, and
+patch merging pads odd maps; the input is zero-padded on the right/bottom to a multiple of the patch
+size. Its blocks and patch mergings compute timm's results with sizes written for
+``torch.compile(dynamic=True)`` (one graph for every input size; see :mod:`monatune.models.swin`). Window sizes are
 timm's for the model's ``img_size`` (a stage whose pre-training map fits in one window has no
 shift), so pretrained weights see the windows they were trained with.
 """
@@ -30,25 +32,50 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
+import torch
+from timm.models.swin_transformer_v2 import PatchMerging, SwinTransformerV2, SwinTransformerV2Block
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import DenseMixin, create_timm_model
-from .swin import DenseSwin
+from .dense import DenseMixin, create_timm_model, window_partition, window_unpartition
+from .swin import DenseSwin, merge_patches, shift_mask
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
-__all__ = ["TunedSwinV2Block", "DenseSwinV2", "build_dense_swin_v2"]
+__all__ = ["TunedSwinV2Block", "DensePatchMergingV2", "DenseSwinV2", "build_dense_swin_v2"]
 
 
 class TunedSwinV2Block(SwinTransformerV2Block, TunedBlockMixin):
     """A timm ``SwinTransformerV2Block`` with adapter slots (class swapped in, never built)."""
 
+    dense_windows: bool = False  # set on the dense backbone's blocks: ``_dense_attn`` instead of timm's ``_attn``
+
     def forward(self, x: Tensor) -> Tensor:  # B, H, W, C
-        x = x + self._branch("attn_out", self.norm1(self._attn(x)), self.drop_path1)
+        attn = self._dense_attn if self.dense_windows else self._attn
+        x = x + self._branch("attn_out", self.norm1(attn(x)), self.drop_path1)
         x = self._adapt("after_attn", x)
         x = self._mlp_residual(x, self.norm2(self.mlp(x)), self.drop_path2)
         return self._adapt("after_mlp", x)
+
+    def _dense_attn(self, x: Tensor) -> Tensor:
+        """timm's ``_attn`` with a mask built per size (shift, pad to whole windows, mask on the padded map), its
+        sizes written with ``ceil_div``: timm's ``(w - H % w) % w`` padding and the crop's strides made
+        ``torch.compile(dynamic=True)`` take minutes over sympy for one size (see models/swin.py)."""
+        H, W = x.shape[1:3]
+        shifted = any(self.shift_size)
+        if shifted:
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        windows, grid = window_partition(x, self.window_size)  # B * nW, wh, ww, C
+        mask = shift_mask(self, grid[0] * self.window_size[0], grid[1] * self.window_size[1], x) if shifted else None
+        y = self.attn(windows.flatten(1, 2), mask=mask).view(windows.shape)
+        x = window_unpartition(y, (H, W), grid)
+        return torch.roll(x, shifts=self.shift_size, dims=(1, 2)) if shifted else x
+
+
+class DensePatchMergingV2(PatchMerging):
+    """timm's Swin V2 ``PatchMerging`` (reduction, then norm) on :func:`monatune.models.swin.merge_patches`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.reduction(merge_patches(x)))
 
 
 class DenseSwinV2(SwinTransformerV2, DenseMixin):
@@ -67,6 +94,14 @@ def build_dense_swin_v2(name: str, out_indices: Sequence[int] | None, kwargs: di
     if type(model) is not SwinTransformerV2:
         raise ValueError(f"{name!r} builds a timm {type(model).__name__}, not a SwinTransformerV2")
     swap_class(model, DenseSwinV2)
+    for module in model.modules():
+        if isinstance(module, SwinTransformerV2Block):
+            swap_class(module, TunedSwinV2Block)
+            module.dense_windows = True
+        elif type(module) is PatchMerging:
+            swap_class(module, DensePatchMergingV2)
+    # the input comes padded to the patch size; timm's divisibility check would format (and so fix) a symbolic size
+    model.patch_embed.dynamic_img_pad = True
     model.norm = nn.Identity()  # the classifier's final norm is not part of the dense backbone
     model._describe_stages([i["num_chs"] for i in model.feature_info], [i["reduction"] for i in model.feature_info],
                            out_indices)  # fmt: skip

@@ -77,6 +77,40 @@ def test_dense_backbone_any_size():
     assert not hasattr(some, "norm0")
 
 
+def test_dense_backbone_computes_what_timm_computes():
+    """The dense blocks' windows and patch merging (written for torch.compile) against timm's own ``_attn`` and
+    ``PatchMerging`` on the same weights: shifted windows over padded maps, odd sizes merged."""
+    from timm.models.swin_transformer_v2 import PatchMerging
+
+    from monatune.models.swin_v2 import DensePatchMergingV2, TunedSwinV2Block
+
+    torch.manual_seed(0)
+    backbone = build_dense_backbone("swinv2_tiny_window8_256", "mona", bottleneck=8,
+                                    model_kwargs=dict(TINY, img_size=64, window_size=4)).eval()  # fmt: skip
+    blocks = [m for m in backbone.modules() if isinstance(m, TunedSwinV2Block)]
+    merges = [m for m in backbone.modules() if type(m) is DensePatchMergingV2]
+    assert len(blocks) == 6 and len(merges) == 3 and all(b.dense_windows for b in blocks)
+    assert [b.shift_size for b in blocks[:2]] == [(0, 0), (2, 2)]
+    for block in blocks:  # post-norms away from timm's zero start, so every branch counts
+        block.norm1.weight.data.normal_(1.0, 0.1)
+        block.norm2.weight.data.normal_(1.0, 0.1)
+    with torch.no_grad():
+        for size in [(64, 64), (33, 47), (97, 131)]:
+            x = torch.randn(2, 3, *size)
+            dense = backbone(x)
+            for block in blocks:
+                block.dense_windows = False
+            for merge in merges:
+                merge.__class__ = PatchMerging
+            timm_maps = backbone(x)
+            for block in blocks:
+                block.dense_windows = True
+            for merge in merges:
+                merge.__class__ = DensePatchMergingV2
+            for key in dense:
+                torch.testing.assert_close(dense[key], timm_maps[key], rtol=0, atol=1e-6)
+
+
 def test_dense_rule_claims_swin_v2_only():
     with pytest.raises(ValueError, match="not one of the families"):
         build_dense_backbone("swinv2_cr_tiny_224")  # timm's other Swin V2 module
