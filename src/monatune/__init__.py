@@ -38,6 +38,9 @@ from .tuning import (
 )
 
 from ._version import __version__
+from .models import onnx_symbolics as _onnx_symbolics
+
+_onnx_symbolics.register()  # what the TorchScript ONNX exporter lacks for resampled position embeddings
 
 __all__ = [
     "Mona",

@@ -126,26 +126,53 @@ def _dense_network(task: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("task", ["segmenter", "detector"])
 def test_dense_task_networks_trace_and_export(tmp_path, task):
-    """The segmenter and the detector's backbone + FPN under torch.jit.trace and torch.export, and the detector's under
-    the TorchScript ONNX exporter (``monatune export`` runs torch.export and the dynamo exporter on both:
-    tests/deploy/test_export.py). The TorchScript exporter cannot translate UperNet's pyramid pooling (adaptive pooling
-    of a map whose size its shape inference lost) nor a dense ViT's position embedding resampled to the grid
-    (antialiased bicubic, ``aten::_upsample_bicubic2d_aa``); the dynamo exporter can."""
-    network, x = _dense_network(task), torch.randn(2, 3, 64, 64)
+    """The segmenter and the detector's backbone + FPN under torch.jit.trace, torch.export and the TorchScript ONNX
+    exporter, the ONNX file with a dynamic batch and image size run at a second size (``monatune export`` runs
+    torch.export and the dynamo exporter on both: tests/deploy/test_export.py). UperNet's pyramid pooling exports as
+    matrix products (models/segmentation.py, ``PyramidPool``)."""
+    pytest.importorskip("onnx")
+    network, x, other = _dense_network(task), torch.randn(2, 3, 64, 64), torch.randn(1, 3, 96, 64)
+    path = str(tmp_path / "net.onnx")
     with torch.no_grad():
-        expected = network(x)
+        expected = network(x) + network(other)
+        trace = torch.jit.trace(network, x, check_trace=False)
+        export = torch.export.export(network, (x,)).module()
+        torch.onnx.export(network, (x,), path, dynamo=False, input_names=["image"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}})  # fmt: skip
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         captured = {
-            "trace": torch.jit.trace(network, x, check_trace=False)(x),
-            "export": torch.export.export(network, (x,)).module()(x),
+            "trace": trace(x) + trace(other),
+            "export": export(x),
+            "onnx": [torch.from_numpy(a) for image in (x, other) for a in session.run(None, {"image": image.numpy()})],
         }
-        if task == "detector":
-            pytest.importorskip("onnx")
-            torch.onnx.export(network, (x,), str(tmp_path / "net.onnx"), dynamo=False, input_names=["image"])
-            session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
-            captured["onnx"] = [torch.from_numpy(a) for a in session.run(None, {"image": x.numpy()})]
-    assert len(expected) == (1 if task == "segmenter" else 5)
+    expected_export = expected[: len(expected) // 2]
+    assert len(expected) == 2 * (1 if task == "segmenter" else 5)
     for how, outputs in captured.items():
-        assert len(outputs) == len(expected), how
-        for found, want in zip(outputs, expected):
+        wanted = expected_export if how == "export" else expected
+        assert len(outputs) == len(wanted), how
+        for found, want in zip(outputs, wanted):
             atol = 1e-4 * want.abs().max().item()
             torch.testing.assert_close(found, want, rtol=1e-4, atol=atol, msg=lambda m: f"{how}: {m}")
+
+
+def test_a_dense_vit_resamples_its_positions_under_the_torchscript_onnx_exporter(tmp_path):
+    """timm resamples a ViT's position embedding to the grid with antialiased bicubic; the TorchScript exporter gets
+    it from monatune (models/onnx_symbolics.py: ONNX Resize with antialias), exported with a dynamic image size and
+    run in ONNX Runtime at grids smaller, larger and other than the pretrained 4 x 4."""
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    backbone = monatune.build_dense_backbone("vit_tiny_patch16_224", "mona", bottleneck=8, model_kwargs={
+        "img_size": 64, "depth": 1, "embed_dim": 32, "num_heads": 2}).eval()  # fmt: skip
+    with torch.no_grad():
+        backbone.pos_embed.normal_()  # a position embedding whose resampling shows
+    network, path = _Tensors(backbone).eval(), str(tmp_path / "vit.onnx")
+    sizes = [(1, 3, 96, 48), (2, 3, 32, 80), (1, 3, 160, 112)]
+    with torch.no_grad():
+        torch.onnx.export(network, (torch.randn(*sizes[0]),), path, dynamo=False, input_names=["image"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}})  # fmt: skip
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        for size in sizes:
+            x = torch.randn(*size)
+            found = [torch.from_numpy(a) for a in session.run(None, {"image": x.numpy()})]
+            for got, want in zip(found, network(x), strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

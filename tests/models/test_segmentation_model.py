@@ -6,7 +6,7 @@ from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 import monatune
-from monatune.models.segmentation import FCNHead, SegmentationNetwork, UPerHead, build_segmenter
+from monatune.models.segmentation import FCNHead, PyramidPool, SegmentationNetwork, UPerHead, build_segmenter
 
 SWIN = ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 4})
 VIT = ("vit_tiny_patch16_224", {"embed_dim": 64, "depth": 2, "num_heads": 2})
@@ -82,6 +82,16 @@ def test_uper_head_has_mmsegs_modules_and_widths():
     assert abs(float(head.conv_seg.weight.std()) - 0.01) < 1e-3 and not head.conv_seg.bias.any()
     expected = (2 / (512 * 9)) ** 0.5
     assert abs(float(head.fpn_bottleneck[0].weight.std()) / expected - 1) < 0.05
+
+
+def test_pyramid_pooling_for_onnx_is_adaptive_pooling(monkeypatch):
+    """The matrix form the TorchScript ONNX exporter gets: the same bins, for sizes the output divides or not, smaller
+    or larger than the output."""
+    x = torch.randn(2, 3, 13, 7, dtype=torch.float64)
+    expected = {s: F.adaptive_avg_pool2d(x, s) for s in (1, 2, 3, 6, 9, (2, 5))}
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    for s, want in expected.items():
+        torch.testing.assert_close(PyramidPool(s)(x), want, rtol=1e-12, atol=1e-12)
 
 
 def test_fcn_head_is_the_releases_auxiliary_head():

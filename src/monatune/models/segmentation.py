@@ -54,6 +54,33 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+def _pooling_matrix(size: int, n: int, like: Tensor) -> Tensor:
+    """(size, n): row i averages the inputs ``floor(i n / size) <= j < ceil((i + 1) n / size)`` (adaptive pooling's
+    bins)."""
+    i = torch.arange(size, device=like.device)
+    start = torch.div(i * n, size, rounding_mode="floor")
+    end = torch.div((i + 1) * n + size - 1, size, rounding_mode="floor")
+    j = torch.arange(n, device=like.device)
+    inside = (j >= start[:, None]) & (j < end[:, None])
+    return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
+class PyramidPool(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d``; under the TorchScript ONNX exporter the same bins as two matrix products.
+
+    That exporter translates adaptive pooling only for a map whose size its shape inference kept and that the
+    output size divides (torch.onnx's ``adaptive_avg_pool2d`` symbolic: "input size not accessible" on a dense
+    backbone's padded, cropped maps), and it would fix the size; the matrices are built from the map's size in the
+    graph, so the exported pyramid pooling takes any size.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        sh, sw = (self.output_size, self.output_size) if isinstance(self.output_size, int) else self.output_size
+        return _pooling_matrix(sh, x.shape[-2], x) @ x @ _pooling_matrix(sw, x.shape[-1], x).transpose(0, 1)
+
+
 class _DecodeHead(nn.Module):
     """mmsegmentation's ``BaseDecodeHead`` tail: ``Dropout2d``, then the 1x1 classifier ``conv_seg``."""
 
@@ -111,7 +138,7 @@ class UPerHead(_DecodeHead):
         self.pool_scales = [_positive_int("pool_scales[i]", s) for s in pool_scales]
         top = self.in_channels[-1]
         self.psp_modules = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv(top, channels, 1, norm_layer)) for s in self.pool_scales
+            nn.Sequential(PyramidPool(s), _conv(top, channels, 1, norm_layer)) for s in self.pool_scales
         )
         self.bottleneck = _conv(top + len(self.pool_scales) * channels, channels, 3, norm_layer)
         self.lateral_convs = nn.ModuleList(_conv(c, channels, 1, norm_layer) for c in self.in_channels[:-1])

@@ -30,7 +30,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import DenseMixin, create_timm_model
+from .dense import DenseMixin, ceil_div, create_timm_model
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["TokenGrid", "TunedViTBlock", "TunedEvaBlock", "DenseViT", "DenseEva", "attach_token_grid",
@@ -53,10 +53,13 @@ class TokenGrid:
         """Forward pre-hook on the patch embedding: read the grid off the image size."""
         if self.pinned:
             return
-        image = args[0]
-        size = (image.shape[-2], image.shape[-1])
-        feat = getattr(patch_embed, "dynamic_feat_size", None)
-        self.hw = tuple(feat(size)) if feat is not None else tuple(patch_embed.grid_size)
+        H, W = args[0].shape[-2:]
+        if getattr(patch_embed, "dynamic_img_pad", False):  # timm's dynamic_feat_size, without its math.ceil: under
+            (ph, pw) = patch_embed.patch_size  # tracing (the TorchScript ONNX exporter) that would fix the size
+            self.hw = (ceil_div(H, ph), ceil_div(W, pw))
+        else:
+            feat = getattr(patch_embed, "dynamic_feat_size", None)
+            self.hw = tuple(feat((H, W))) if feat is not None else tuple(patch_embed.grid_size)
 
 
 def _is_vit(module: nn.Module) -> bool:
@@ -197,10 +200,13 @@ class _DenseTokens(DenseMixin):
     hierarchical = False
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        x = self._pad_to_patch(x)
+        patch = self.patch_embed.patch_size  # type: ignore[attr-defined]
+        grid = (x.shape[-2] // patch[0], x.shape[-1] // patch[1])  # not timm's math.ceil, which fixes a traced size
         feats = self.forward_intermediates(  # type: ignore[attr-defined]
-            self._pad_to_patch(x), indices=self.out_indices, norm=False, output_fmt="NCHW", intermediates_only=True
+            x, indices=self.out_indices, norm=False, output_fmt="NLC", intermediates_only=True
         )
-        return OrderedDict((str(i), self._output(i, f.permute(0, 2, 3, 1))) for i, f in enumerate(feats))
+        return OrderedDict((str(i), self._output(i, f.unflatten(1, grid))) for i, f in enumerate(feats))
 
 
 class DenseViT(VisionTransformer, _DenseTokens):
