@@ -107,8 +107,11 @@ WINDOWED = {
     # sizes that are and are not whole windows, odd and even
     "swin_tiny_patch4_window7_224": ({"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1),
                                       "window_size": 2}, [(96, 128), (128, 160), (97, 131), (200, 136)]),
-    # padded to 32 as the tasks pad (an odd size adds a second graph: its crop's strides)
-    "hiera_tiny_224": ({"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 1, 1)}, [(64, 96), (96, 128), (128, 64)]),
+    # Hiera, and SAM 2's (HieraDet: timm's padded windows as monatune's partition, models/hiera.py); both pad the input
+    # to 32, the output maps cropped as Swin's
+    "hiera_tiny_224": ({"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 1, 1)}, [(64, 96), (97, 131), (128, 64)]),
+    "sam2_hiera_tiny": ({"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 1, 1), "global_att_blocks": (2,),
+                         "window_spec": (4, 4, 4, 2)}, [(128, 160), (97, 131), (256, 128)]),
     # SAM ViT: its window partition, crop and relative positions written for symbolic sizes (models/sam_vit.py); a
     # map side equal to the pretrained grid's (4 here) is a second graph: there timm does not resample positions
     "samvit_base_patch16": ({"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2, "window_size": 3,

@@ -48,12 +48,12 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import checkpoint
 from timm.models.hiera import Hiera, HieraBlock, Reroll
-from timm.models.hieradet_sam2 import HieraDet, _calc_pad, window_partition, window_unpartition
+from timm.models.hieradet_sam2 import HieraDet
 from timm.models.hieradet_sam2 import MultiScaleBlock as HieraDetBlock
 from torch import Tensor, nn
 
 from .base import TunedBlockMixin, swap_class
-from .dense import DenseMixin, create_timm_model
+from .dense import DenseMixin, ceil_div, create_timm_model, crop, window_partition, window_unpartition
 from .registry import BlockRule, DenseRule, register_block, register_dense
 
 __all__ = ["HieraLayout", "TunedHieraBlock", "DenseHiera", "attach_hiera_layout", "detach_hiera_layout",
@@ -232,7 +232,7 @@ class DenseHiera(Hiera, DenseMixin):
             x = checkpoint(block, x) if self.grad_checkpointing and self.training else block(x)
             if i in self.stage_ends and (stage := self.stage_ends.index(i)) in self.out_indices:
                 s = self.strides[stage]
-                m = layout.to_grid(x, i)[:, : -(-H // s), : -(-W // s)]  # B, H_i, W_i, C_i
+                m = crop(layout.to_grid(x, i), ceil_div(H, s), ceil_div(W, s))  # B, H_i, W_i, C_i
                 out[str(stage)] = self._output(stage, m)
         return out
 
@@ -282,19 +282,12 @@ class TunedHieraDetBlock(HieraDetBlock, TunedBlockMixin):
             shortcut = self.proj(x)
             if self.pool is not None:
                 shortcut = self.pool(shortcut.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        window_size = self.window_size
-        H, W = x.shape[1:3]
-        Hp, Wp = H, W
-        if self.is_windowed:
-            Hp, Wp, pad_h, pad_w = _calc_pad(H, W, window_size)
-            x = window_partition(F.pad(x, (0, 0, 0, pad_w, 0, pad_h)), window_size)
-        x = self.attn(x)  # window attention, queries pooled at a stage change
-        if self.q_stride is not None:  # the windows shrank with the queries
-            window_size = (self.window_size[0] // self.q_stride[0], self.window_size[1] // self.q_stride[1])
-            H, W = shortcut.shape[1:3]
-            Hp, Wp, _, _ = _calc_pad(H, W, window_size)
-        if self.is_windowed:
-            x = window_unpartition(x, window_size, (Hp, Wp))[:, :H, :W, :].contiguous()
+        if self.is_windowed:  # timm's padded windows, sized for torch.compile (see monatune.models.dense)
+            x, grid = window_partition(x, tuple(self.window_size))
+            # window attention, queries pooled at a stage change (the windows shrink with them)
+            x = window_unpartition(self.attn(x), shortcut.shape[1:3], grid)
+        else:
+            x = self.attn(x)
         return shortcut + self._branch("attn_out", self.ls1(x), self.drop_path1)
 
 
@@ -314,7 +307,7 @@ class DenseHieraDet(HieraDet, DenseMixin):
             x = checkpoint(block, x) if self.grad_checkpointing and self.training else block(x)
             if i in self.stage_ends and (stage := self.stage_ends.index(i)) in self.out_indices:
                 s = self.strides[stage]
-                out[str(stage)] = self._output(stage, x[:, : -(-H // s), : -(-W // s)])  # B, C_i, H_i, W_i
+                out[str(stage)] = self._output(stage, crop(x, ceil_div(H, s), ceil_div(W, s)))  # B, C_i, H_i, W_i
         return out
 
 
