@@ -63,9 +63,7 @@ def test_console_script_is_installed():
 
 
 def test_python_dash_m_runs_the_same_command():
-    out = subprocess.run([sys.executable, "-m", "monatune", "params", "swin_large_patch4_window7_224", "--json"],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["adapter"] == 5_267_712
+    """``python -m monatune`` is the command, its exit status included (one interpreter start: the console script's
+    test above runs a good command)."""
     bad = subprocess.run([sys.executable, "-m", "monatune", "params", "no_such_model_xyz"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no_such_model_xyz" in bad.stderr

@@ -7,10 +7,7 @@ import pathlib
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 
 import pytest
@@ -156,39 +153,48 @@ def test_bad_metadata_and_foreign_folders_write_nothing(tmp_path):
     assert os.listdir(folder) == ["train.py"]
 
 
-_SAVER = textwrap.dedent("""
-    import timm, torch
-    import monatune
-    torch.manual_seed(0)
-    model = monatune.apply(timm.create_model("swin_tiny_patch4_window7_224", num_classes=5), "mona")  # ~10 MB file
+def _save_forever(model: torch.nn.Module, path: pathlib.Path, ready: int) -> None:
+    """In a forked child: re-save the adapter as fast as it can, each save's gamma filled with its number."""
     gamma = model.layers[0].blocks[0].after_attn.default.gamma
     i = 0
     while True:
         with torch.no_grad():
             gamma.fill_(float(i))
-        monatune.save_adapter(model, {path!r})
+        monatune.save_adapter(model, path)
         if i == 0:
-            print("ready", flush=True)
+            os.write(ready, b"ready")
         i += 1
-""")
 
 
 def test_kill_9_during_repeated_saves_never_leaves_a_broken_adapter(tmp_path):
     """A process re-saving an adapter as fast as it can is killed at random moments; the directory
-    always loads, holding one save's complete tensors, and the next save leaves no leftovers."""
+    always loads, holding one save's complete tensors, and the next save leaves no leftovers. The saver is a
+    fork of this process (no new interpreter to start for each kill)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = monatune.apply(timm.create_model("swin_tiny_patch4_window7_224", num_classes=5), "mona")  # ~10 MB file
     path = tmp_path / "a"
-    script = _SAVER.format(path=str(path))
     rng = random.Random(0)
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.05, 0.6))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child never returns to pytest
+            try:
+                os.close(read_end)
+                _save_forever(model, path, write_end)
+            finally:
+                os._exit(1)
+        os.close(write_end)
+        try:
+            assert os.read(read_end, 5) == b"ready", "the saving child died before its first save"
+            time.sleep(rng.uniform(0.05, 0.6))
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_end)
         config, tensors = read_adapter(path)  # complete: the config's hash matches the weights
         gamma = tensors["layers.0.blocks.0.after_attn.gamma"]
         assert torch.all(gamma == gamma[0]) and json.loads((path / CONFIG_NAME).read_text()) == config
-    import timm
-
-    monatune.save_adapter(monatune.apply(timm.create_model("swin_tiny_patch4_window7_224", num_classes=5), "mona"), path)
+    monatune.save_adapter(model, path)
     assert sorted(os.listdir(tmp_path)) == ["a"]
