@@ -2,8 +2,8 @@
 
 A tiny Swin is trained from scratch on generated scenes, each a bar (w:h about 4:1) at a random
 angle on noise, with only the bar's circumscribed horizontal box as its label. On held-out scenes
-the predicted angle must be far closer to the truth than a constant prediction's. About 90 s on
-two cores.
+the predicted angle must be far closer to the truth than a constant prediction's. About 130 s alone
+on two cores (two threads; with one it does not learn: 44 degrees against the constant's 38).
 """
 import math
 
