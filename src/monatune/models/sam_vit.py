@@ -99,6 +99,7 @@ class DenseSamViT(VisionTransformerSAM, _DenseTokens):
     """A timm VisionTransformerSAM returning chosen block outputs as maps (class swapped in)."""
 
     forward = _DenseTokens.forward
+    map_blocks = True
 
 
 def build_dense_sam_vit(name: str, out_indices: Sequence[int] | None, kwargs: dict[str, Any]) -> DenseSamViT:

@@ -198,9 +198,15 @@ class TunedEvaBlock(EvaBlock, _TokenBlockMixin):
 
 class _DenseTokens(DenseMixin):
     hierarchical = False
+    map_blocks = False  # blocks on (B, H, W, C) maps (SAM ViT): timm returns them as NCHW maps only
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
         x = self._pad_to_patch(x)
+        if self.map_blocks:
+            feats = self.forward_intermediates(  # type: ignore[attr-defined]
+                x, indices=self.out_indices, norm=False, output_fmt="NCHW", intermediates_only=True
+            )
+            return OrderedDict((str(i), self._output(i, f.permute(0, 2, 3, 1))) for i, f in enumerate(feats))
         patch = self.patch_embed.patch_size  # type: ignore[attr-defined]
         grid = (x.shape[-2] // patch[0], x.shape[-1] // patch[1])  # not timm's math.ceil, which fixes a traced size
         feats = self.forward_intermediates(  # type: ignore[attr-defined]
