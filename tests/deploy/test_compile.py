@@ -148,6 +148,31 @@ def test_a_dense_backbone_is_one_graph_for_every_input_size(name):
     assert graphs.frame_count == 1
 
 
+def test_a_tuned_transformers_swin_is_one_graph_for_every_input_size():
+    """transformers' Swin as monatune tunes it: its layers' windows written as the dense Swin's, its patch embedding
+    and merging padding with ceil_div while tuned (models/hf.py); before, a graph per size (~100 s each). Untuning
+    gives transformers' classes back."""
+    from transformers import SwinConfig
+    from transformers.models.swin.modeling_swin import SwinModel, SwinPatchEmbeddings, SwinPatchMerging
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[1, 2], window_size=4)
+    model = monatune.apply(SwinModel(config), "mona", bottleneck=8).eval()
+    graphs = CompileCounter()
+    compiled = torch.compile(model, dynamic=True, backend=graphs)
+    with torch.no_grad():
+        for size in [(64, 96), (97, 131), (128, 64)]:  # padded windows, odd sizes merged, a shifted window
+            x = torch.randn(1, 3, *size)
+            torch.testing.assert_close(compiled(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert graphs.frame_count == 1
+    assert type(model.embeddings.patch_embeddings) is not SwinPatchEmbeddings  # monatune's, while tuned
+    monatune.unapply(model)
+    assert type(model.embeddings.patch_embeddings) is SwinPatchEmbeddings
+    assert type(model.encoder.layers[0].downsample) is SwinPatchMerging
+
+
 def test_the_compile_option_compiles_the_segmenter_with_inductor_and_trains_on_its_crops():
     """The option's default (inductor, static shapes: a segmenter trains on fixed crops) on a Mona-tuned UperNet:
     logits, loss and gradients of a training step equal to the eager network's (no dropout to draw differently)."""

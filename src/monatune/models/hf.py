@@ -36,7 +36,10 @@ Swin V2 (``Swinv2Layer``): res-post-norm, one DropPath for both branches::
 
 The Swin stream is (B, H*W, C), its grid the layer's ``input_dimensions`` argument. No ``prompt``
 slot: prompts would have to join each window inside the attention (timm Swin v1 has that) or, for
-V2, the cosine attention's continuous position bias, which has no entries for them.
+V2, the cosine attention's continuous position bias, which has no entries for them. The tuned layers
+compute transformers' padded, shifted windows with sizes written for ``torch.compile(dynamic=True)``, and
+while a Swin is tuned its patch embedding and patch merging pad the same way (``attach_swin_padding``):
+one graph for every input size.
 
 SAM vision encoder (``SamVisionLayer``): pre-norm on a (B, H, W, C) map, no DropPath, no ``prompt``
 slot (windowed and global attention with decomposed relative positions of the map)::
@@ -54,6 +57,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings, Dinov2Layer
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
@@ -61,15 +65,12 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
     Dinov2WithRegistersLayer,
 )
 from transformers.models.sam.modeling_sam import SamVisionLayer
-from transformers.models.swin.modeling_swin import SwinLayer
-from transformers.models.swin.modeling_swin import window_partition as swin_window_partition
-from transformers.models.swin.modeling_swin import window_reverse as swin_window_reverse
-from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer
-from transformers.models.swinv2.modeling_swinv2 import window_partition as swinv2_window_partition
-from transformers.models.swinv2.modeling_swinv2 import window_reverse as swinv2_window_reverse
+from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchEmbeddings, SwinPatchMerging
+from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer, Swinv2PatchEmbeddings, Swinv2PatchMerging
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTLayer
 
 from .base import TunedBlockMixin
+from .dense import ceil_div, crop
 from .registry import BlockRule, register_block
 from .vit import TokenGrid
 
@@ -212,6 +213,72 @@ class TunedDinov2WithRegistersLayer(Dinov2WithRegistersLayer, _Dinov2Forward):
     forward = _Dinov2Forward.forward
 
 
+def _windows(layer: nn.Module, y: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, ...]]:
+    """transformers' Swin window partition of a (B, H, W, C) map (pad to whole windows, then shift): the windows
+    (B * nW, ws * ws, C), the shift mask and the geometry for :func:`_unwindows`. The padded size is written with
+    ``ceil_div`` (transformers' ``maybe_pad`` pads with ``(ws - W % ws) % ws``: see monatune.models.dense)."""
+    B, H, W, C = y.shape
+    ws, shift = layer.window_size, layer.shift_size
+    nh, nw = ceil_div(H, ws), ceil_div(W, ws)
+    y = F.pad(y, (0, 0, 0, nw * ws - W, 0, nh * ws - H))
+    if shift > 0:
+        y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+    mask = layer.get_attn_mask(nh * ws, nw * ws, dtype=y.dtype, device=y.device)
+    return y.view(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(-1, ws * ws, C), mask, (B, H, W, nh, nw, ws, shift)
+
+
+def _unwindows(windows: Tensor, geometry: tuple[int, ...]) -> Tensor:
+    """The inverse of :func:`_windows`, as tokens (B, H * W, C)."""
+    B, H, W, nh, nw, ws, shift = geometry
+    y = windows.view(B, nh, nw, ws, ws, -1).transpose(2, 3).reshape(B, nh * ws, nw * ws, -1)
+    if shift > 0:
+        y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+    return crop(y, H, W).reshape(B, H * W, -1)
+
+
+class _PaddedSwinPatchEmbeddings(SwinPatchEmbeddings):
+    """transformers' patch embedding, padding to the patch size with ``ceil_div`` (its ``if W % p``: a graph per
+    divisibility pattern under torch.compile)."""
+
+    def maybe_pad(self, pixel_values: Tensor, height: int, width: int) -> Tensor:
+        (ph, pw) = self.patch_size
+        return F.pad(pixel_values, (0, ceil_div(width, pw) * pw - width, 0, ceil_div(height, ph) * ph - height))
+
+
+class _PaddedSwinPatchMerging(SwinPatchMerging):
+    """transformers' patch merging, padding odd sizes with ``ceil_div`` (its ``if H % 2 == 1``, as above)."""
+
+    def maybe_pad(self, input_feature: Tensor, height: int, width: int) -> Tensor:
+        return F.pad(input_feature, (0, 0, 0, ceil_div(width, 2) * 2 - width, 0, ceil_div(height, 2) * 2 - height))
+
+
+class _PaddedSwinv2PatchEmbeddings(Swinv2PatchEmbeddings):
+    maybe_pad = _PaddedSwinPatchEmbeddings.maybe_pad
+
+
+class _PaddedSwinv2PatchMerging(Swinv2PatchMerging):
+    maybe_pad = _PaddedSwinPatchMerging.maybe_pad
+
+
+_PADDED = {SwinPatchEmbeddings: _PaddedSwinPatchEmbeddings, SwinPatchMerging: _PaddedSwinPatchMerging,
+           Swinv2PatchEmbeddings: _PaddedSwinv2PatchEmbeddings, Swinv2PatchMerging: _PaddedSwinv2PatchMerging}  # fmt: skip
+
+
+def attach_swin_padding(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """A tuned transformers Swin's patch embedding and merging pad as its tuned layers do (same results)."""
+    for module in model.modules():
+        if type(module) in _PADDED:
+            module.__class__ = _PADDED[type(module)]
+
+
+def detach_swin_padding(model: nn.Module) -> None:
+    """Undo :func:`attach_swin_padding`."""
+    originals = {padded: original for original, padded in _PADDED.items()}
+    for module in model.modules():
+        if type(module) in originals:
+            module.__class__ = originals[type(module)]
+
+
 class TunedSwinLayer(SwinLayer, _LayerMixin):
     """transformers ``SwinLayer`` with adapter slots (class swapped in, never built)."""
 
@@ -222,18 +289,10 @@ class TunedSwinLayer(SwinLayer, _LayerMixin):
             self.set_shift_and_window_size(input_dimensions)
         height, width = input_dimensions
         batch_size, _, channels = hidden_states.size()
-        ws = self.window_size
-        y = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
-        y, pad_values = self.maybe_pad(y, height, width)
-        _, height_pad, width_pad, _ = y.shape
-        windows = swin_window_partition(self.cyclic_shift(y), ws).view(-1, ws * ws, channels)
-        attn_mask = self.get_attn_mask(height_pad, width_pad, dtype=y.dtype, device=windows.device)
+        windows, attn_mask, geometry = _windows(self, self.layernorm_before(hidden_states).view(
+            batch_size, height, width, channels))  # fmt: skip
         y, attn_weights = self.attention(windows, attn_mask, **kwargs)
-        y = self.dropout(y).view(-1, ws, ws, channels)
-        y = self.cyclic_shift(swin_window_reverse(y, ws, height_pad, width_pad), reverse=True)
-        if pad_values[3] > 0 or pad_values[5] > 0:
-            y = y[:, :height, :width, :].contiguous()
-        y = y.view(batch_size, height * width, channels)
+        y = _unwindows(self.dropout(y), geometry)
 
         hw = (height, width)
         x = hidden_states + self._branch("attn_out", y, self.drop_path)
@@ -250,21 +309,9 @@ class TunedSwinv2Layer(Swinv2Layer, _LayerMixin):
     ) -> tuple[Tensor, ...]:
         height, width = input_dimensions
         batch_size, _, channels = hidden_states.size()
-        ws, shift = self.window_size, self.shift_size
-        y = hidden_states.view(batch_size, height, width, channels)
-        y, pad_values = self.maybe_pad(y, height, width)
-        _, height_pad, width_pad, _ = y.shape
-        if shift > 0:
-            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-        windows = swinv2_window_partition(y, ws).view(-1, ws * ws, channels)
-        attn_mask = self.get_attn_mask(height_pad, width_pad, dtype=y.dtype, device=windows.device)
+        windows, attn_mask, geometry = _windows(self, hidden_states.view(batch_size, height, width, channels))
         attention_outputs = self.attention(windows, attn_mask, output_attentions=output_attentions)
-        y = swinv2_window_reverse(attention_outputs[0].view(-1, ws, ws, channels), ws, height_pad, width_pad)
-        if shift > 0:
-            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
-        if pad_values[3] > 0 or pad_values[5] > 0:
-            y = y[:, :height, :width, :].contiguous()
-        y = y.view(batch_size, height * width, channels)
+        y = _unwindows(attention_outputs[0], geometry)
 
         hw = (height, width)
         x = hidden_states + self._branch("attn_out", self.layernorm_before(y), self.drop_path)
@@ -314,7 +361,8 @@ register_block(BlockRule(
 register_block(BlockRule(
     block=SwinLayer, tuned=TunedSwinLayer, family="transformers Swin", slots=_MAP_SLOTS,
     grid="tokens: patch grid (B, H*W, C), (H, W) = input_dimensions",
-    width=lambda b: b.layernorm_before.normalized_shape[0], linears=_SEPARATE_QKV,
+    width=lambda b: b.layernorm_before.normalized_shape[0], linears=_SEPARATE_QKV, attach=attach_swin_padding,
+    detach=detach_swin_padding,
 ))
 register_block(BlockRule(
     block=Swinv2Layer, tuned=TunedSwinv2Layer, family="transformers Swin V2", slots=_MAP_SLOTS,
@@ -322,6 +370,7 @@ register_block(BlockRule(
     width=lambda b: b.layernorm_before.normalized_shape[0],
     linears={"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
              "proj": "attention.output.dense", "fc1": "intermediate.dense", "fc2": "output.dense"},
+    attach=attach_swin_padding, detach=detach_swin_padding,
 ))
 register_block(BlockRule(
     block=SamVisionLayer, tuned=TunedSamVisionLayer, family="transformers SAM vision encoder", slots=_MAP_SLOTS,
