@@ -1,9 +1,16 @@
 """H2RBox-v2+ learns rotated boxes from horizontal-box labels only (the issue's learning check).
 
-A tiny Swin is trained from scratch on generated scenes, each a bar (w:h about 4:1) at a random
-angle on noise, with only the bar's circumscribed horizontal box as its label. On held-out scenes
-the predicted angle must be far closer to the truth than a constant prediction's. About 130 s alone
-on two cores (two threads; with one it does not learn: 44 degrees against the constant's 38).
+A tiny Swin (windows of 4) is trained from scratch on generated scenes, each a bar (w:h about 4:1) at
+a random angle on noise, a fresh batch each step, with only the bar's circumscribed horizontal box as
+its label; the learning rate falls to zero on a cosine. On held-out scenes the predicted angle must be
+far closer to the truth than a constant prediction's. About 60 s alone on one thread.
+
+A learning check this small is noisy: the angle is learned only through the self-supervised views, and
+its offset is pinned only by the flipped ones (5% of batches, as the release). Seen with this set-up
+(scene generator seed 2): 22 degrees against the constant's 39 from step 100 to 200, with one thread
+and with two (the check does not hang on the exact sums); generator seed 1: 27 against 41 (passes
+narrowly). With a fixed set of 64 training scenes and no schedule, some seeds learned the angle by step
+100 and lost it by step 300.
 """
 import math
 
@@ -20,10 +27,9 @@ def angle_error(a: float, b: float) -> float:
 
 
 def test_h2rbox_learns_angles_from_horizontal_boxes():
-    # two threads, whatever the machine or the test workers: the thread count changes the sums' order, and on
-    # 400 steps of a tiny model from scratch, with it the trajectory (seen: passes with 2 threads, not with 1)
+    # one thread whatever the test workers: the same sums everywhere, and no waiting on a busy second core
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     try:
         _learn_and_check()
     finally:
@@ -32,22 +38,26 @@ def test_h2rbox_learns_angles_from_horizontal_boxes():
 
 def _learn_and_check():
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    train, held_out = [bar_scene(g) for _ in range(64)], [bar_scene(g) for _ in range(32)]
+    g = torch.Generator().manual_seed(2)
+    held_out = [bar_scene(g) for _ in range(32)]
     model = build_h2rbox("swin_tiny_patch4_window7_224", num_classes=1, method="full", fpn_channels=64,
-                         score_threshold=0.0, model_kwargs=dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)))  # fmt: skip
+                         score_threshold=0.0, model_kwargs=dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                                                                window_size=4))  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    steps = 200
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
-    for _ in range(400):
-        picked = torch.randint(len(train), (4,)).tolist()
-        targets = [{"boxes": le90_to_hbb(train[i][1]), "labels": torch.tensor([1])} for i in picked]
+    for _ in range(steps):
+        batch = [bar_scene(g) for _ in range(4)]
+        targets = [{"boxes": le90_to_hbb(truth), "labels": torch.tensor([1])} for _, truth in batch]
         assert all(min(abs(t["boxes"][0, 4].item() - a) for a in (0.0, -math.pi / 2)) < 1e-6 for t in targets)  # horizontal boxes only
-        loss = sum(model([train[i][0] for i in picked], targets).values())
+        loss = sum(model([image for image, _ in batch], targets).values())
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 35)
         optimizer.step()
+        schedule.step()
     model.eval()
     errors, truths = [], []
     with torch.no_grad():
@@ -60,5 +70,6 @@ def _learn_and_check():
     mean = sum(errors) / len(errors)
     # the best a constant angle could do on these scenes (any constant, in 1-degree steps)
     baseline = min(sum(angle_error(math.radians(c), t) for t in truths) / len(truths) for c in range(-90, 90))
-    # seen: about 23 degrees against 41 for the best constant
+    print(f"mean angle error {math.degrees(mean):.1f} deg, best constant {math.degrees(baseline):.1f} deg")
+    # seen: 22 degrees against 39 for the best constant
     assert mean < 0.7 * baseline, f"mean angle error {math.degrees(mean):.1f} deg vs constant {math.degrees(baseline):.1f}"
