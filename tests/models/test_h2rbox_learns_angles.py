@@ -3,7 +3,7 @@
 A tiny Swin (windows of 4) is trained from scratch on generated scenes, each a bar (w:h about 4:1) at
 a random angle on noise, a fresh batch each step, with only the bar's circumscribed horizontal box as
 its label; the learning rate falls to zero on a cosine. On held-out scenes the predicted angle must be
-far closer to the truth than a constant prediction's. About 60 s alone on one thread.
+far closer to the truth than a constant prediction's. About 80 s alone on one thread.
 
 A learning check this small is noisy: the angle is learned only through the self-supervised views, and
 its offset is pinned only by the flipped ones (5% of batches, as the release). Seen with this set-up
