@@ -40,9 +40,9 @@ def _learn_and_check():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
     held_out = [bar_scene(g) for _ in range(32)]
+    swin = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4)
     model = build_h2rbox("swin_tiny_patch4_window7_224", num_classes=1, method="full", fpn_channels=64,
-                         score_threshold=0.0, model_kwargs=dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                                                                window_size=4))  # fmt: skip
+                         score_threshold=0.0, model_kwargs=swin)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     steps = 200
